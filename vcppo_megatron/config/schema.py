@@ -1,0 +1,235 @@
+"""The configuration: one frozen dataclass per component; defaults live here and nowhere else.
+
+Each field carries its documentation as an attribute docstring (the string literal below it;
+docs/CONFIG.md is generated from them) and its valid range as `field(metadata=...)` bounds,
+checked by `vcppo_megatron.config.loader` before anything starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+def param(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
+          ge: float | None = None, gt: float | None = None, le: float | None = None,
+          lt: float | None = None) -> Any:
+    """A dataclass field with optional numeric bounds (checked by the loader)."""
+    bounds = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata={"bounds": bounds})
+    return dataclasses.field(default=default, metadata={"bounds": bounds})
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Model-parallel layout of one role; data parallelism takes the remaining ranks."""
+
+    tensor_parallel_size: int = param(1, ge=1)
+    """Tensor-parallel ranks (must divide attention heads and query groups)."""
+    pipeline_parallel_size: int = param(1, ge=1)
+    """Pipeline stages (must divide the number of layers)."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and its learning-rate schedule (warm-up then constant, as in VAPO §5.1)."""
+
+    lr: float = param(1e-6, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = param(0.0, ge=0)
+    """Decoupled weight decay of AdamW."""
+    adam_beta1: float = param(0.9, ge=0, lt=1)
+    """AdamW beta1."""
+    adam_beta2: float = param(0.999, ge=0, lt=1)
+    """AdamW beta2."""
+    adam_eps: float = param(1e-8, gt=0)
+    """AdamW epsilon."""
+    grad_clip: float = param(1.0, ge=0)
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    lr_warmup_steps: int = param(0, ge=0)
+    """Optimizer steps of linear warm-up from 0 to `lr`."""
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    """The policy model."""
+
+    model_path: str | None = None
+    """HF checkpoint directory of the SFT policy; null builds the tiny random model of `tiny_model`."""
+    parallel: ParallelConfig = param(factory=ParallelConfig)
+    """Tensor / pipeline layout of the actor."""
+    optim: OptimConfig = param(factory=lambda: OptimConfig(lr=1e-6))
+    """Optimizer of the actor (VC-PPO §4: lr 1e-6)."""
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    """The value model: the policy's trunk with a scalar value head."""
+
+    model_path: str | None = None
+    """HF checkpoint directory to initialise from; null builds the tiny random model of `tiny_model`."""
+    init_from: Literal["policy", "reward_model"] = "policy"
+    """`policy`: trunk from an HF causal LM (VC-PPO); `reward_model`: an HF sequence classifier with one label (baseline PPO)."""
+    parallel: ParallelConfig = param(factory=ParallelConfig)
+    """Tensor / pipeline layout of the critic."""
+    optim: OptimConfig = param(factory=lambda: OptimConfig(lr=2e-6))
+    """Optimizer of the critic (VC-PPO §4: lr 2e-6)."""
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Shape of the random Qwen2-style model built locally when no checkpoint is given (demo, tests)."""
+
+    hidden_size: int = param(64, ge=1)
+    """Hidden size."""
+    num_layers: int = param(2, ge=1)
+    """Transformer layers."""
+    num_attention_heads: int = param(2, ge=1)
+    """Attention heads (hidden_size / heads >= 32 for vLLM's CPU attention)."""
+    num_query_groups: int = param(1, ge=1)
+    """Key/value heads (grouped-query attention)."""
+    ffn_hidden_size: int = param(128, ge=1)
+    """SwiGLU intermediate size."""
+    max_position_embeddings: int = param(512, ge=1)
+    """Longest sequence (prompt + response) the model supports."""
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    """PPO / VC-PPO / VAPO algorithm settings (VC-PPO Alg. 1; VAPO §4)."""
+
+    gamma: float = param(1.0, ge=0, le=1)
+    """Discount factor γ (1.0 in RLHF, VC-PPO §2.3)."""
+    lam_actor: float = param(0.95, ge=0, le=1)
+    """GAE λ for the policy's advantages (VC-PPO §3.3: [0.95, 1))."""
+    lam_critic: float = param(1.0, ge=0, le=1)
+    """GAE λ for the critic's value targets (VC-PPO §3.3: 1.0, Monte-Carlo returns)."""
+    length_adaptive_alpha: float | None = param(None, gt=0)
+    """VAPO eq. 5: per-sequence λ_actor = 1 - 1/(α·length); null uses `lam_actor` (VAPO: 0.05)."""
+    eps_low: float = param(0.2, ge=0)
+    """Lower clip range: the ratio is clipped at 1 - eps_low (VAPO eq. 8)."""
+    eps_high: float = param(0.2, ge=0)
+    """Upper clip range: the ratio is clipped at 1 + eps_high (clip-higher; VAPO: 0.28)."""
+    dual_clip: float | None = param(None, gt=1)
+    """Dual-clip bound c > 1 on the loss of negative-advantage tokens; null disables it."""
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    """`token-mean`: VAPO eq. 7; `seq-mean-token-mean`: VAPO eq. 6 (baseline PPO)."""
+    value_clip: float | None = param(None, gt=0)
+    """Clip the new value to old ± this before the squared error; null disables it."""
+    nll_coef: float = param(0.0, ge=0)
+    """μ of VAPO eq. 10: weight of the NLL loss on responses with positive reward (VAPO: 0.1)."""
+    kl_coef: float = param(0.0, ge=0)
+    """Weight of the KL penalty to the reference policy (VC-PPO §4: 0)."""
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    """KL estimator: k1 = log π - log π_ref; k3 = exp(-k1) + k1 - 1 (unbiased, non-negative)."""
+    entropy_coef: float = param(0.0, ge=0)
+    """Weight of the entropy bonus."""
+    ppo_epochs: int = param(1, ge=1)
+    """Passes over each rollout batch."""
+    whiten_advantages: bool = False
+    """Normalise advantages to zero mean and unit variance over the global batch."""
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Batch sizes, named by scope: `global_` (all ranks), `per_dp_rank_`, `micro_` (one forward)."""
+
+    global_prompts_per_step: int = param(512, ge=1)
+    """Prompts sampled per RL step, over all ranks (VAPO: 512)."""
+    samples_per_prompt: int = param(16, ge=1)
+    """Responses sampled per prompt (group sampling; VAPO: 16)."""
+    global_mini_batch_size: int = param(512, ge=1)
+    """Responses per optimizer step, over all ranks (VAPO: 512)."""
+    micro_batch_size: int = param(1, ge=1)
+    """Responses per forward/backward on one data-parallel rank."""
+    global_sft_batch_size: int = param(64, ge=1)
+    """Examples per optimizer step of the SFT cold start, over all ranks."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling settings of the rollout engine."""
+
+    temperature: float = param(1.0, gt=0)
+    """Sampling temperature."""
+    top_p: float = param(1.0, gt=0, le=1)
+    """Nucleus sampling threshold."""
+    max_prompt_tokens: int = param(1024, ge=1)
+    """Longest prompt; longer ones follow `on_long_prompt`."""
+    max_response_tokens: int = param(8192, ge=1)
+    """Most tokens generated per response (VC-PPO: 8k or 16k context)."""
+    on_long_prompt: Literal["truncate", "skip"] = "skip"
+    """What to do with a prompt longer than `max_prompt_tokens` (counted and reported either way)."""
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """The rule-based verifier (VC-PPO §4.1)."""
+
+    correct_reward: float = 1.0
+    """Reward of a correct final answer."""
+    wrong_reward: float = -1.0
+    """Reward of a wrong or missing final answer."""
+    timeout_s: float = param(5.0, gt=0)
+    """Time limit to verify one response; over it the response scores `wrong_reward`."""
+    num_workers: int = param(2, ge=0)
+    """Verifier processes; 0 verifies in the calling process."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Prompt data."""
+
+    train_path: str | None = None
+    """jsonl file of training problems; null uses the built-in synthetic arithmetic task."""
+    problem_key: str = "problem"
+    """Field holding the problem text."""
+    answer_key: str = "answer"
+    """Field holding the ground-truth answer."""
+    on_bad_row: Literal["skip", "fail"] = "fail"
+    """A malformed row is reported with file:line and then skipped or fatal."""
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The run: length, seeds, output directories."""
+
+    seed: int = param(1234, ge=0)
+    """Seed of every random generator (data order, sampling, initialisation)."""
+    sft_steps: int = param(0, ge=0)
+    """Optimizer steps of the SFT cold start (phase 0; 0 skips it)."""
+    sft_lr: float = param(1e-5, gt=0)
+    """Learning rate of the SFT cold start (AdamW, otherwise as `actor.optim`)."""
+    value_pretrain_steps: int = param(0, ge=0)
+    """Steps of value pretraining with the policy frozen (phase 1, VC-PPO §3.2; 0 skips it)."""
+    num_steps: int = param(100, ge=0)
+    """RL steps to run (phase 2)."""
+    eval_problems: int = param(64, ge=1)
+    """Held-out problems scored (greedy) before and after RL."""
+    output_dir: str = "runs/default"
+    """Directory of TensorBoard logs and checkpoints."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run's configuration."""
+
+    actor: ActorConfig = param(factory=ActorConfig)
+    """The policy."""
+    critic: CriticConfig = param(factory=CriticConfig)
+    """The value model."""
+    tiny_model: TinyModelConfig = param(factory=TinyModelConfig)
+    """Shape of the random model used when a role has no `model_path`."""
+    algo: AlgoConfig = param(factory=AlgoConfig)
+    """Algorithm settings."""
+    batch: BatchConfig = param(factory=BatchConfig)
+    """Batch sizes."""
+    rollout: RolloutConfig = param(factory=RolloutConfig)
+    """Sampling."""
+    reward: RewardConfig = param(factory=RewardConfig)
+    """Verifier."""
+    data: DataConfig = param(factory=DataConfig)
+    """Data."""
+    trainer: TrainerConfig = param(factory=TrainerConfig)
+    """Run settings."""

@@ -1,0 +1,1 @@
+"""Datasets, chat template and the synthetic task."""

@@ -1,0 +1,1 @@
+"""Training phases (today: the single-process demo loop)."""
