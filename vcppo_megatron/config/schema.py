@@ -161,6 +161,14 @@ class RolloutConfig:
     """Most tokens generated per response (VC-PPO: 8k or 16k context)."""
     on_long_prompt: Literal["truncate", "skip"] = "skip"
     """What to do with a prompt longer than `max_prompt_tokens` (counted and reported either way)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and activations of the vLLM engine; `auto` takes the checkpoint's `torch_dtype`."""
+    tensor_parallel_size: int = param(1, ge=1)
+    """Tensor-parallel ranks of the vLLM engine (> 1 runs under torchrun via vLLM's external launcher)."""
+    kv_cache_bytes: int | None = param(None, ge=1)
+    """KV-cache size in bytes per rank; required on CPU; null on GPU uses `gpu_memory_utilization`."""
+    gpu_memory_utilization: float = param(0.5, gt=0, le=1)
+    """Fraction of GPU memory vLLM may use (weights + KV cache) when `kv_cache_bytes` is null."""
 
 
 @dataclass(frozen=True)

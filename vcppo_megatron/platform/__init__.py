@@ -1,1 +1,9 @@
-"""Device choice and the CPU compatibility layer for Megatron-Core (issue 4; not yet implemented)."""
+"""Device choice and the CPU compatibility layer for Megatron-Core."""
+from vcppo_megatron.platform.cpu_compat import (
+    CudaToCpuMode,
+    apply_cpu_compat,
+    cpu_compat_applied,
+    setup_device,
+)
+
+__all__ = ["CudaToCpuMode", "apply_cpu_compat", "cpu_compat_applied", "setup_device"]

@@ -1,0 +1,68 @@
+"""Build a Megatron GPTModel for a role (policy: LM head; critic: scalar value head) from an HF config."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from vcppo_megatron.models.registry import HFConfig, architecture_from_hf
+
+
+class ValueHead(torch.nn.Module):
+    """Replicated Linear(hidden, 1) standing in for GPTModel.output_layer (same call signature)."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1, dtype=dtype)
+        torch.nn.init.zeros_(self.linear.weight)           # identical on every TP rank, no RNG needed
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: Tensor, weight: Optional[Tensor] = None,
+                runtime_gather_output: Optional[bool] = None) -> tuple[Tensor, None]:
+        """hidden [s, b, h] -> values [s, b, 1] (GPTModel transposes to [b, s, 1])."""
+        return self.linear(hidden), None
+
+
+def build_gpt_model(
+    hf_config: HFConfig,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    pre_process: bool = True,
+    post_process: bool = True,
+    value_head: bool = False,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    attention_backend: str = "auto",
+    parallel_output: bool = True,
+    pg_collection: Optional[ProcessGroupCollection] = None,
+    vp_stage: Optional[int] = None,
+    **config_overrides: Any,
+) -> GPTModel:
+    """GPTModel for this pipeline stage; `value_head=True` swaps the LM head for a scalar value head."""
+    arch = architecture_from_hf(
+        hf_config, params_dtype=params_dtype, tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        attention_backend=attention_backend, **config_overrides)
+    model = GPTModel(
+        config=arch.config,
+        transformer_layer_spec=arch.layer_spec,
+        vocab_size=arch.vocab_size,
+        max_sequence_length=arch.max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings and not value_head,
+        position_embedding_type="rope",
+        rotary_base=arch.rotary_base,
+        rope_scaling=arch.rope_scaling,
+        rope_scaling_factor=arch.rope_scaling_factor,
+        pg_collection=pg_collection,
+        vp_stage=vp_stage,
+    )
+    if value_head and post_process:
+        model.output_layer = ValueHead(arch.config.hidden_size, params_dtype)
+    return model

