@@ -80,26 +80,37 @@ def main() -> None:
     def fused():
         return decoupled_gae(r, v, m, **kw)
 
+    bufs = tuple(torch.empty(a.batch, a.seq, device=dev) for _ in range(2))
+
+    def fused_out():                                                   # reused output buffers
+        return decoupled_gae(r, v, m, out=bufs, **kw)
+
     def baseline():
         adv, _ = naive_gae_loop(r, v, m, a.gamma, a.lam_actor)
         _, ret = naive_gae_loop(r, v, m, a.gamma, a.lam_critic)
         return adv, ret
 
-    adv, ret = fused()                                                 # warm-up (and compile)
+    for _ in range(3):                                                 # warm-up (and compile)
+        adv, ret = fused()
     naive_gae_loop(r[:, :64], v[:, :64], m[:, :64], a.gamma, a.lam_actor)
     t_fused = timed(fused, a.repeats, dev)
+    fused_out()
+    t_out = timed(fused_out, a.repeats, dev)
     t_base = timed(baseline, a.baseline_repeats, dev)
     b_adv, b_ret = baseline()
     err = max(float((adv - b_adv.float()).abs().max()), float((ret - b_ret.float()).abs().max()))
     med_f, med_b = statistics.median(t_fused), statistics.median(t_base)
+    med_o = statistics.median(t_out)
     rows = [("device", f"{a.device} ({torch.get_num_threads()} threads)" if a.device == "cpu"
              else torch.cuda.get_device_name(dev)),
             ("shape / dtype", f"{a.batch} x {a.seq} / {a.dtype}, mask {a.mask_dtype}"),
             ("tokens", f"{tokens:,}"),
             ("fused decoupled_gae", f"{med_f * 1e3:.2f} ms (median of {a.repeats}, "
                                     f"min {min(t_fused) * 1e3:.2f})"),
+            ("fused, out= buffers", f"{med_o * 1e3:.2f} ms (median of {a.repeats}, "
+                                    f"min {min(t_out) * 1e3:.2f})"),
             ("baseline 2 x naive loop", f"{med_b * 1e3:.1f} ms (median of {a.baseline_repeats})"),
-            ("speed-up", f"{med_b / med_f:.1f}x"),
+            ("speed-up", f"{med_b / med_f:.1f}x (out= buffers: {med_b / med_o:.1f}x)"),
             ("max |fused - baseline|", f"{err:.2e}")]
     if dev.type == "cuda":
         nbytes = (r.numel() * r.element_size() + v.numel() * v.element_size()
@@ -108,7 +119,7 @@ def main() -> None:
         floor = nbytes / rate
         rows += [("copy rate (read+write)", f"{rate / 1e12:.2f} TB/s"),
                  ("bandwidth floor", f"{floor * 1e3:.3f} ms ({nbytes / 2**20:.0f} MiB)"),
-                 ("fraction of floor", f"{floor / med_f:.2f}")]
+                 ("fraction of floor", f"{floor / med_f:.2f} (out= buffers: {floor / med_o:.2f})")]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"| {k:<{width}} | {val} |" for k, val in rows))
 

@@ -81,6 +81,21 @@ def test_cpu_matches_reference(B, T, holes, gamma, lam_actor, lam_critic, alpha)
     assert max(errs) <= TOL, errs
 
 
+def test_cpu_single_masked_token_anywhere():
+    """One masked token at chunk edges (the CPU path cuts time into 31-step chunks), left padding,
+    and a hole right before the last token: each row must be detected and carried forward."""
+    T = 100
+    rows = [[t] for t in (0, 1, 30, 31, 32, 61, 62, 92, 93, 98)] + [list(range(5)), [50, 51, 52]]
+    m = torch.ones(len(rows), T, dtype=torch.bool)
+    for i, holes in enumerate(rows):
+        m[i, holes] = False
+    m[-1, 80:] = False                                                 # hole plus right padding
+    r, v, _ = make_batch(len(rows), T, seed=11)
+    errs = check_backend("cpu", r, v, m, gamma=0.99, lam_actor=0.95, lam_critic=1.0,
+                         length_adaptive_alpha=0.05)
+    assert max(errs) <= TOL, errs
+
+
 def test_float_mask_auto_backend_and_masked_outputs_zero():
     r, v, m = make_batch(6, 300, seed=1, holes=True, empty_rows=(3,))
     adv, ret = decoupled_gae(r, v, m.float(), gamma=1.0, lam_actor=0.95, lam_critic=1.0)
@@ -93,7 +108,7 @@ def test_reference_hand_example():
     """3 valid tokens and one masked (carry-forward), γ = 0.9, λ_actor = 0.5, λ_critic = 1.
 
     Valid chain 0 → 2 → 3 (position 1 masked: its r = 9, V = 7 are ignored).
-      δ_3 = 1 + 0.9·0   − 0.8 = 0.2     δ_2 = 0 + 0.9·0.8 − 0.6 = 0.12    δ_0 = 0 + 0.9·0.6 − 0.5 = 0.04
+      δ_3 = 1 + 0.9·0 − 0.8 = 0.2,  δ_2 = 0 + 0.9·0.8 − 0.6 = 0.12,  δ_0 = 0 + 0.9·0.6 − 0.5 = 0.04
       γλ_actor = 0.45: A_3 = 0.2, A_2 = 0.12 + 0.45·0.2 = 0.21, A_0 = 0.04 + 0.45·0.21 = 0.1345
       γλ_critic = 0.9: A_3 = 0.2, A_2 = 0.12 + 0.9·0.2 = 0.30, A_0 = 0.04 + 0.9·0.30 = 0.31
       returns = A^critic + V = [0.81, 0, 0.90, 1.00] = discounted return-to-go (1, 0.9, 0.81).
@@ -207,6 +222,24 @@ def test_nan_in_holes_batch_raises():
         decoupled_gae(r, v, m, gamma=1.0, lam_actor=0.95, lam_critic=1.0, backend="cpu")
 
 
+def test_out_buffers_are_written_and_returned():
+    r, v, m = make_batch(70, 300, seed=12, holes=True)                 # 2 row blocks, holes
+    m[3:, :] = False
+    m[3:, :100] = True                                                 # prefix-only rows too
+    ref_adv, ref_ret = decoupled_gae_reference(r, v, m, gamma=1.0, lam_actor=0.95, lam_critic=1.0)
+    for backend in ("cpu", "reference"):
+        bufs = (torch.full((70, 300), 7.0), torch.full((70, 300), 7.0))
+        adv, ret = decoupled_gae(r, v, m, gamma=1.0, lam_actor=0.95, lam_critic=1.0,
+                                 backend=backend, out=bufs)
+        assert adv is bufs[0] and ret is bufs[1]
+        assert max(rel_err(adv, ref_adv), rel_err(ret, ref_ret)) <= TOL
+    for bad in ((torch.empty(70, 300),), (torch.empty(70, 300), torch.empty(70, 300).double()),
+                (torch.empty(70, 300), torch.empty(70, 299)),
+                (torch.empty(70, 300), torch.empty(300, 70).T)):
+        with pytest.raises(ValueError, match="out"):
+            decoupled_gae(r, v, m, gamma=1.0, lam_actor=0.95, lam_critic=1.0, out=bad)
+
+
 def test_empty_batch():
     z = torch.zeros(0, 5)
     adv, ret = decoupled_gae(z, z, z.bool(), gamma=1.0, lam_actor=0.95, lam_critic=1.0)
@@ -242,6 +275,7 @@ def _triton_interpreter_cases() -> dict:
         (5, 1001, 256, True, torch.float32, 0.99, 0.95, 0.9, 0.05),     # length-adaptive
         (2, 2048, 512, False, torch.float32, 0.99, 0.0, 1.0, None),     # λ = 0
         (2, 2048, 256, True, torch.float32, 1.0, 1.0, 1.0, None),       # λ = 1, γ = 1
+        (2, 1500, 32, True, torch.float32, 0.99, 0.95, 1.0, None),      # 47 chunks
         (3, 300, 64, True, torch.bfloat16, 1.0, 0.95, 1.0, None),
         (3, 300, 64, False, torch.float16, 0.99, 0.95, 1.0, 0.05),
     ]
@@ -258,8 +292,12 @@ def _triton_interpreter_cases() -> dict:
     # the public dispatch accepts CPU tensors for backend="triton" under the interpreter
     r, v, m = make_batch(2, 40, seed=9, holes=True)
     adv, _ = decoupled_gae(r, v, m, gamma=1.0, lam_actor=0.95, lam_critic=1.0, backend="triton")
+    bufs = (torch.empty(2, 40), torch.empty(2, 40))
+    adv, _ = decoupled_gae(r, v, m, gamma=1.0, lam_actor=0.95, lam_critic=1.0, backend="triton",
+                           out=bufs)
     out["dispatch"] = rel_err(adv, decoupled_gae_reference(r, v, m, gamma=1.0, lam_actor=0.95,
                                                            lam_critic=1.0)[0])
+    out["out= written"] = 0.0 if adv is bufs[0] else 1.0
     return out
 
 
@@ -274,7 +312,7 @@ def test_triton_kernel_under_interpreter():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     errs = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(errs) == 8
+    assert len(errs) == 10
     assert max(errs.values()) <= TOL, errs
 
 

@@ -1,4 +1,4 @@
-"""Decoupled GAE (VC-PPO) with length-adaptive λ (VAPO): fused CPU path, Triton dispatch, references.
+"""Decoupled GAE (VC-PPO) with length-adaptive λ (VAPO): CPU fast path, Triton dispatch, reference.
 
 Papers: VC-PPO (arXiv 2503.01491) eq. 3 (GAE), eq. 4 (γ = 1 form), eq. 5 (value target) and §3.3
 (decoupled λ: λ_critic for the value targets, λ_actor for the policy); VAPO (arXiv 2504.05118)
@@ -12,7 +12,7 @@ count, 0 on padding and on masked tokens inside a response, e.g. tool output in 
   * delta_t = r_t + γ·nextvalues_t − V_t                                    (VC-PPO eq. 3)
   * A^λ_t = delta_t + γλ·A^λ_{n(t)}, A^λ = 0 past the end, i.e.
     A^λ_t = Σ_k (γλ)^k delta_{n^k(t)} over the chain of valid positions   (VC-PPO eq. 3-4)
-  * returns_t = A^{λ_critic}_t + V_t  (value target; for λ_critic = 1 it is the return-to-go)  (eq. 5)
+  * returns_t = A^{λ_critic}_t + V_t: value target; the return-to-go for λ_critic = 1   (eq. 5)
   * advantages_t = A^{λ_actor}_t, or with `length_adaptive_alpha` = α a per-row
     λ_i = clip(1 − 1/(α·l_i), 0, 1), l_i = number of valid tokens of row i        (VAPO eq. 4-5)
   * Both outputs are 0 where mask = 0; rewards/values at masked positions are ignored (but must
@@ -25,7 +25,7 @@ which follows from B_t := γ·V_t + g·A_t.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ __all__ = ["decoupled_gae", "decoupled_gae_reference", "naive_gae_loop", "whiten
            "length_adaptive_lambda"]
 
 BACKENDS = ("auto", "cpu", "triton", "reference")
-_CPU_CHUNK = 31            # time-chunk length C: the chunk matmul is [2C] -> [2C+2 = 64]
+_CPU_CHUNK = 16            # time-chunk length C of the blocked matmul scan
 _CPU_BLOCK = 1 << 19       # elements per row block: keeps a block's working set in cache
 
 
@@ -59,7 +59,7 @@ def _validate(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lams:
         if not isinstance(x, Tensor):
             raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 2:
-            raise ValueError(f"{name}: expected a 2-D [batch, T] tensor, got shape {tuple(x.shape)}")
+            raise ValueError(f"{name}: expected a 2-D [batch, T] tensor, got {tuple(x.shape)}")
     if not (rewards.shape == values.shape == mask.shape):
         raise ValueError("rewards, values, response_mask: expected equal shapes, got "
                          f"{tuple(rewards.shape)}, {tuple(values.shape)}, {tuple(mask.shape)}")
@@ -95,85 +95,142 @@ def _check_data(rewards: Tensor, values: Tensor, mask: Tensor) -> None:
         raise ValueError("response_mask: expected only 0 and 1 values")
 
 
+def _check_out(out: tuple, rewards: Tensor) -> None:
+    """out must be two contiguous float32 [batch, T] tensors on the inputs' device."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(
+            isinstance(o, Tensor) and o.shape == rewards.shape and o.dtype == torch.float32
+            and o.device == rewards.device and o.is_contiguous() for o in out)):
+        raise ValueError(f"out: expected two contiguous float32 tensors of shape "
+                         f"{tuple(rewards.shape)} on {rewards.device}")
+
+
 def decoupled_gae(rewards: Tensor, values: Tensor, response_mask: Tensor, *, gamma: float,
-                  lam_actor: float, lam_critic: float, length_adaptive_alpha: Optional[float] = None,
-                  backend: str = "auto") -> tuple[Tensor, Tensor]:
+                  lam_actor: float, lam_critic: float,
+                  length_adaptive_alpha: Optional[float] = None, backend: str = "auto",
+                  out: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
     """Advantages (λ_actor or length-adaptive) and value targets (λ_critic) in one pass.
 
     See the module docstring for the exact semantics. Returns float32 (advantages, returns).
-    backend: "auto" (Triton on CUDA when importable, else "cpu"), "cpu" (blocked-matmul scan,
-    any device), "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1), "reference" (loop).
+    backend: "auto" (Triton on CUDA when importable, else "cpu"), "cpu" (blocked-matmul scan on
+    the CPU; other devices' tensors are copied there and back), "triton" (CUDA, or CPU tensors
+    under TRITON_INTERPRET=1), "reference" (the float64 loop).
+    out: optional (advantages, returns) buffers to write and return, e.g. reused every step (on a
+    CPU, first-touching fresh 32 MiB outputs can cost as much as the computation itself).
     """
     _validate(rewards, values, response_mask, gamma,
               {"lam_actor": lam_actor, "lam_critic": lam_critic}, length_adaptive_alpha, backend)
+    if out is not None:
+        _check_out(out, rewards)
+    rewards, values, response_mask = rewards.detach(), values.detach(), response_mask.detach()
     if backend == "auto":
         backend = "triton" if rewards.is_cuda and _triton_available() else "cpu"
-    if backend == "reference":
-        adv, ret = decoupled_gae_reference(rewards, values, response_mask, gamma=gamma,
-                                           lam_actor=lam_actor, lam_critic=lam_critic,
-                                           length_adaptive_alpha=length_adaptive_alpha)
-        return adv.float(), ret.float()
     B, T = rewards.shape
-    if B == 0 or T == 0:
-        z = torch.zeros(B, T, dtype=torch.float32, device=rewards.device)
-        return z, z.clone()
-    if backend == "triton":
+    kw = dict(gamma=float(gamma), lam_actor=float(lam_actor), lam_critic=float(lam_critic),
+              length_adaptive_alpha=length_adaptive_alpha)
+    if backend == "reference":
+        adv, ret = (x.float() for x in decoupled_gae_reference(rewards, values, response_mask,
+                                                               **kw))
+    elif B == 0 or T == 0:
+        adv, ret = (torch.zeros(B, T, device=rewards.device) for _ in range(2))
+    elif backend == "triton":
         if not _triton_available():
             raise ValueError("backend: 'triton' requested but triton is not importable")
         if not rewards.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
         _check_data(rewards, values, response_mask)
         from vcppo_megatron.algorithms.gae_triton import decoupled_gae_triton
-        return decoupled_gae_triton(rewards, values, response_mask, gamma=float(gamma),
-                                    lam_actor=float(lam_actor), lam_critic=float(lam_critic),
-                                    length_adaptive_alpha=length_adaptive_alpha)
-    return _gae_cpu(rewards, values, response_mask, float(gamma), float(lam_actor),
-                    float(lam_critic), length_adaptive_alpha)
+        adv, ret = decoupled_gae_triton(rewards, values, response_mask, out=out, **kw)
+    elif rewards.device.type == "cpu":
+        adv, ret = _gae_cpu(rewards, values, response_mask, out=out, **kw)
+    else:                                                              # "cpu" on another device
+        adv, ret = _gae_cpu(rewards.cpu(), values.cpu(), response_mask.cpu(), **kw)
+        adv, ret = adv.to(rewards.device), ret.to(rewards.device)
+    if out is not None and adv is not out[0]:
+        out[0].copy_(adv)
+        out[1].copy_(ret)
+        return out[0], out[1]
+    return adv, ret
 
 
 # ---------------------------------------------------------------- CPU fast path (blocked scan)
-# Time is cut into chunks of C steps. With pre-masked rm = r·m and vm = V·m (prefix masks: rows with
-# masked tokens inside are compacted first) one matmul per row block maps each chunk's [rm | vm]
-# (2C numbers) to the chunk-local part of A_t (C), of returns_t (C) and, per λ, the chunk's B at
-# its first step L_k (2). The carries S_k = L_k + g^C·S_{k+1} (float64) form a short second scan
-# over chunks, and B_{n(t)} gets g^(C−1−j)·S_{k+1} added at local step j of chunk k.
+# Time is cut into chunks of C steps (rows with masked tokens inside are compacted first, so the
+# mask is a prefix). Per row block, chunk-local A and returns are matmuls of the pre-masked
+# rm = m·r and vm = m·V with C×C matrices (_chunk_weights). The chunk's B at its first step,
+# L_k = γ·V + g·A there (as B_t = γ·V_t + g·A_t), feeds the carries S_k = L_k + g^C·S_{k+1}, a
+# short float64 scan over chunks; local step j of chunk k then gets g^(C−1−j)·S_{k+1} added.
 
-def _chunk_weights(g_a: Tensor, g_c: Tensor, gamma: float, C: int) -> Tensor:
-    """W [rows, 2C, 2C+2]: a chunk's [rm | vm] ↦ [local A | local returns | L_actor | L_critic]."""
-    rows = max(len(g_a), len(g_c))
-    W = torch.zeros(rows, 2 * C, 2 * C + 2, dtype=torch.float64, device=g_a.device)
-    eye = torch.eye(C, dtype=torch.float64, device=g_a.device)
-    jp = torch.arange(C, device=g_a.device)
-    expo = jp[:, None] - jp[None, :] - 1                              # j' − j − 1
-    for g, cols, lcol, sub_v in ((g_a, slice(0, C), 2 * C, 1.0), (g_c, slice(C, 2 * C), 2 * C + 1, 0.0)):
-        p = torch.pow(g[:, None], torch.arange(C + 1, dtype=torch.float64, device=g.device))
-        mex = torch.where(expo >= 0, p[:, expo.clamp_min(0)], 0.0)    # g^(j'−j−1), j' > j
-        gv = g[:, None, None]
-        W[:, :C, cols] = gv * mex + eye                               # b = g·r + (γ−g)·V, + r_t
-        W[:, C:, cols] = (gamma - gv) * mex - sub_v * eye             # − V_t in A only
-        W[:, :C, lcol] = g[:, None] * p[:, :C]                        # L = Σ_j g^j b_j
-        W[:, C:, lcol] = (gamma - g[:, None]) * p[:, :C]
-    return W.float()
+def _chunk_weights(g: Tensor, gamma: float, C: int, minus_v: bool) -> tuple[Tensor, Any]:
+    """(Wr, Wv) [rows, C, C] float32 with local B_{n(t)} + m·(r − V or r) = rm @ Wr + vm @ Wv.
 
-
-def _suffix_carries(L: Tensor, G: Tensor) -> Tensor:
-    """S[:, k] = Σ_{j>k} G^(j−k−1)·L[:, j] for L [n, K] and G [n] or [1] (float64): the carry
-    scan, itself blocked (32 per block, one small matmul) and recursive over the block sums."""
-    n, K = L.shape
-    c = min(K, 32)
-    nb = -(-K // c)
-    Lp = torch.zeros(n, nb * c, dtype=L.dtype)
-    Lp[:, :K] = L
-    Lp = Lp.view(n, nb, c)
-    p = torch.pow(G[:, None], torch.arange(c + 1, dtype=L.dtype))     # G^0 … G^c per row
-    j = torch.arange(c)
+    B_{n(t)} within a chunk is Σ_{j'>j} g^(j'−j−1)·b_{j'}, b = g·rm + (γ−g)·vm: with
+    Mex[j', j] = g^(j'−j−1) (j' > j), Wr = I + g·Mex and Wv = (γ−g)·Mex (− I for A; None if 0).
+    """
+    j = torch.arange(C)
     expo = j[:, None] - j[None, :] - 1
-    mex = torch.where(expo >= 0, p[:, expo.clamp_min(0)], 0.0)        # [n or 1, c, c]
-    out = torch.bmm(Lp, mex) if len(G) > 1 else Lp @ mex[0]           # within-block part
-    if nb > 1:
-        incl = Lp @ p[0, :c] if len(G) == 1 else (Lp * p[:, None, :c]).sum(-1)  # block sums
-        out += _suffix_carries(incl, p[:, c])[:, :, None] * p[:, None, c - 1 - j]
-    return out.view(n, nb * c)[:, :K]
+    p = g[:, None] ** torch.arange(C, dtype=torch.float64)
+    mex = torch.where(expo >= 0, p[:, expo.clamp_min(0)], 0.0)        # [rows, C, C]
+    eye = torch.eye(C, dtype=torch.float64)
+    wv = (gamma - g)[:, None, None] * mex - (eye if minus_v else 0.0)
+    wr = (eye + g[:, None, None] * mex).float()
+    return wr, (wv.float() if bool(wv.ne(0).any()) else None)
+
+
+def _carry_plan(G: Tensor, K: int) -> list[tuple]:
+    """Operators of the carry scan over K chunks for decays G [2, n or 1] (float64), per level:
+    blocks of 16 (then 64) chunks, one small matmul, then recursively over the block sums."""
+    plan = []
+    while True:
+        c = min(K, 16 if not plan else 64)
+        nb = -(-K // c)
+        p = G[..., None] ** torch.arange(c + 1, dtype=torch.float64)  # G^0 … G^c  [2, n, c+1]
+        j = torch.arange(c + 1)
+        expo = j[:c, None] - j[None, :] - 1                           # column c: block sum
+        mex = torch.where(expo >= 0, p[..., expo.clamp_min(0)], 0.0)  # G^(j'−j−1) for j' > j
+        mex[..., c] = p[..., :c]                                       # Σ_j G^j L_j
+        plan.append((K, c, nb, mex.flatten(0, 1), p[..., None, c - 1 - j[:c]]))
+        if nb == 1:
+            return plan
+        G, K = p[..., c], nb
+
+
+def _suffix_carries(L: Tensor, plan: list[tuple], level: int = 0) -> Tensor:
+    """S[.., k] = Σ_{j>k} G^(j−k−1)·L[.., j] for L [2, n, K] (float64): the incoming carries."""
+    K, c, nb, mex, decay = plan[level]
+    q, n = L.shape[:2]
+    Lp = torch.nn.functional.pad(L, (0, nb * c - K)) if nb * c > K else L
+    Lb = Lp.reshape(q, n * nb, c) if mex.shape[0] == q else Lp.reshape(q * n, nb, c)
+    out = torch.bmm(Lb, mex).view(q, n, nb, c + 1)                    # within a block, block sum
+    local = out[..., :c]
+    if nb > 1:                                                         # + carried across blocks
+        local += _suffix_carries(out[..., c], plan, level + 1)[..., None] * decay
+    return local.reshape(q, n, nb * c)[..., :K]
+
+
+def _mask_stats(m: Tensor, C: int) -> tuple[Tensor, Tensor]:
+    """(row is not a prefix of ones, row length) of a 0/1 float mask [B, T]: per-chunk counts
+    must read C, …, C, p, 0, …, 0 and the partial chunk must start with its p ones."""
+    B, T = m.shape
+    F = T // C * C
+    cnt = m[:, :F].reshape(B, -1, C).sum(-1).double()                 # exact: small integers
+    if T > F:
+        cnt = torch.cat([cnt, m[:, F:].sum(1, keepdim=True).double()], 1)
+    K = cnt.shape[1]
+    size = torch.full((K,), float(C), dtype=torch.float64)
+    size[-1] = T - F if T > F else C
+    notfull = (cnt != size).to(torch.int32)
+    k = torch.where(notfull.any(1), notfull.argmax(1), K)             # leading full chunks
+    later = ((torch.arange(K)[None, :] > k[:, None]) & (cnt > 0)).any(1)   # ones after partial
+    idx = (k[:, None] * C + torch.arange(C)[None, :]).clamp_max(T - 1)
+    part = cnt.gather(1, k.clamp_max(K - 1)[:, None])                 # ones in the partial chunk
+    gap = ((torch.arange(C)[None, :] < part) & (m.gather(1, idx) != 1) & (k[:, None] < K)).any(1)
+    return later | gap, cnt.sum(1)
+
+
+def _as_f32(x: Tensor, buf: Tensor) -> Tensor:
+    """x as float32: itself if already float32 and contiguous, else converted into buf."""
+    if x.dtype == torch.bool:                                          # (much faster via uint8)
+        return buf.copy_(x.view(torch.uint8))
+    return x if x.dtype == torch.float32 and x.is_contiguous() else buf.copy_(x)
 
 
 def _compact(r: Tensor, v: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -181,103 +238,92 @@ def _compact(r: Tensor, v: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, T
     n, T = m.shape
     pos = torch.cumsum(m, 1, dtype=torch.int64) - 1                   # rank among valid tokens
     dest = torch.where(m > 0, pos, torch.full_like(pos, T))           # masked → dump column T
-    rc = torch.zeros(n, T + 1, dtype=r.dtype).scatter_(1, dest, r)[:, :T]
-    vc = torch.zeros(n, T + 1, dtype=v.dtype).scatter_(1, dest, v)[:, :T]
-    mc = (torch.arange(T)[None, :] < pos[:, -1:] + 1).to(m.dtype)
+    rc = torch.zeros(n, T + 1).scatter_(1, dest, r)[:, :T]
+    vc = torch.zeros(n, T + 1).scatter_(1, dest, v)[:, :T]
+    mc = (torch.arange(T)[None, :] < pos[:, -1:] + 1).float()
     return rc, vc, mc, pos.clamp_min(0)
 
 
-def _mask_is_binary(m: Tensor) -> bool:
-    """Float mask has only 0/1: within [0, 1] and Σ m·(1 − m) = 0 (non-negative terms, exact)."""
-    lo, hi = torch.aminmax(m)
-    return bool(lo >= 0) and bool(hi <= 1) and float(torch.dot(m.flatten(), (1 - m).flatten())) == 0
-
-
-def _mask_stats(m: Tensor, C: int) -> tuple[bool, Tensor]:
-    """(some row is not a prefix of ones, row lengths) of a 0/1 float mask: per-chunk counts
-    must read C, …, C, p, 0, …, 0 and the partial chunk must start with its p ones."""
-    n, T = m.shape
-    F = T // C * C
-    cnt = m[:, :F].view(n, -1, C).sum(-1) if F else m.new_zeros(n, 0)
-    if T > F:
-        cnt = torch.cat([cnt, m[:, F:].sum(1, keepdim=True)], 1)
-    K = cnt.shape[1]
-    size = torch.full((K,), float(C))
-    size[-1] = T - F if T > F else C
-    k = (cnt == size).to(torch.int64).cumprod(1).sum(1)               # leading full chunks
-    after = (torch.arange(K)[None, :] > k[:, None]) & (cnt > 0)       # ones after the partial one
-    idx = (k[:, None] * C + torch.arange(C)[None, :]).clamp_max(T - 1)
-    part = cnt.gather(1, k.clamp_max(K - 1)[:, None])                 # ones in the partial chunk
-    gap = (torch.arange(C)[None, :] < part) & (m.gather(1, idx) != 1) & (k[:, None] < K)
-    return bool(after.any() | gap.any()), cnt.sum(1)
-
-
-def _as_f32(x: Tensor, buf: Tensor) -> Tensor:
-    """x as float32: itself if already float32 and contiguous, else converted into buf."""
-    return x if x.dtype == torch.float32 and x.is_contiguous() else buf.copy_(x)
-
-
-def _gae_cpu(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam_actor: float,
-             lam_critic: float, alpha: Optional[float]) -> tuple[Tensor, Tensor]:
-    """Blocked scan over row blocks: one chunk matmul, a float64 carry scan, one output pass."""
+def _gae_cpu(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam_actor: float,
+             lam_critic: float, length_adaptive_alpha: Optional[float],
+             out: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+    """Blocked scan over row blocks: two chunk matmuls, a float64 carry scan, in-place carry-in."""
     B, T = rewards.shape
+    alpha = length_adaptive_alpha
     C = _CPU_CHUNK
-    nC, F = -(-T // C), T // C * C
-    rows = max(1, min(B, _CPU_BLOCK // (nC * C)))
-    adv = torch.empty(B, T, dtype=torch.float32)
-    ret = torch.empty(B, T, dtype=torch.float32)
-    f64 = dict(dtype=torch.float64)
-    g_c = torch.tensor([gamma * lam_critic], **f64)
-    g_a = torch.tensor([gamma * lam_actor], **f64)
-    W = _chunk_weights(g_a, g_c, gamma, C)[0] if alpha is None else None
-    X = torch.zeros(rows, nC, 2, C, dtype=torch.float32)             # [rm | vm] per chunk, 0 tail
-    Y = torch.empty(rows * nC, 2 * C + 2, dtype=torch.float32)
-    bufs = [torch.empty(rows, T, dtype=torch.float32) for _ in range(5)]
-    jd = torch.arange(C - 1, -1, -1, dtype=torch.float64)            # C−1−j
+    nC = -(-T // C)
+    Tp = nC * C
+    rows = max(1, min(B, _CPU_BLOCK // Tp))
+    ga, gc = gamma * lam_actor, gamma * lam_critic                     # g = γλ (actor if constant)
+    gvec = torch.tensor([[ga], [gc]], dtype=torch.float64)            # [2, 1]
+    w_a = _chunk_weights(gvec[0], gamma, C, minus_v=True)
+    w_c = _chunk_weights(gvec[1], gamma, C, minus_v=False)
+    plan = _carry_plan(gvec ** C, nC)
+    coef = torch.tensor([[ga, 0.0, gamma], [0.0, gc, gamma - gc]], dtype=torch.float64)
+    jd = torch.arange(C - 1, -1, -1, dtype=torch.float64)             # C−1−j
+    decay = (gvec[..., None] ** jd).float()                           # [2, 1, C]
+    adv, ret = out if out is not None else (torch.empty(B, T) for _ in range(2))
+    inb = [torch.empty(rows, T) for _ in range(4)]                    # conversions, scratch
+    pad = [torch.zeros(rows, Tp) for _ in range(2)] + [torch.empty(rows, Tp) for _ in range(2)]
+    mask_checks, finite_checks = [], []
     for r0 in range(0, B, rows):
         r1 = min(B, r0 + rows)
         n = r1 - r0
-        r, v, m = (_as_f32(x[r0:r1], b[:n]) for x, b in zip((rewards, values, mask), bufs))
-        m0 = m
-        if mask.dtype != torch.bool and not _mask_is_binary(m):
-            raise ValueError("response_mask: expected only 0 and 1 values")
-        holes, lengths = _mask_stats(m, C)
-        if holes:                                                      # masked tokens mid-row
+        r, v, m = (_as_f32(x[r0:r1], b[:n]) for x, b in zip((rewards, values, mask), inb))
+        holes, lengths = _mask_stats(m, 128)
+        block_holes = bool(holes.any())
+        if alpha is not None:                                          # VAPO eq. 5, per row
+            g = torch.stack([gamma * length_adaptive_lambda(lengths, alpha),
+                             gvec[1].expand(n)])[..., None]           # [2, n, 1]
+            w_a = _chunk_weights(g[0, :, 0], gamma, C, minus_v=True)
+            plan = _carry_plan(g[..., 0] ** C, nC)
+            decay = (g ** jd).float()                                  # [2, n, C]
+        else:
+            g = gvec[..., None]
+        if block_holes:                                                # masked tokens mid-row
             _check_data(r, v, m)                                       # (compaction drops them)
+            m0 = m
             r, v, m, pos = _compact(r, v, m)
-        Xn = X[:n]
-        for k, x in enumerate((r, v)):                                 # rm = r·m, vm = V·m
-            if F:
-                torch.mul(x[:, :F].view(n, -1, C), m[:, :F].view(n, -1, C), out=Xn[:, : F // C, k])
-            if T > F:
-                torch.mul(x[:, F:], m[:, F:], out=Xn[:, -1, k, : T - F])
-        Yn = Y[: n * nC]
+        rm, vm = pad[0][:n], pad[1][:n]
+        torch.mul(r, m, out=rm[:, :T])                                 # zero tail up to Tp
+        torch.mul(v, m, out=vm[:, :T])
+        if mask.is_floating_point() and not block_holes:               # 0/1 check, exact: [0, 1]
+            one_minus = torch.sub(1.0, m, out=inb[3][:n])              # and Σ m·(1−m) = 0
+            mask_checks += [*torch.aminmax(m), torch.dot(m.flatten(), one_minus.flatten())]
+        direct = Tp == T and not block_holes                           # write into the outputs
+        out_a, out_r = (adv[r0:r1], ret[r0:r1]) if direct else (pad[2][:n], pad[3][:n])
+        for dst, (wr, wv) in ((out_a, w_a), (out_r, w_c)):            # A = r − V + B_{n(t)},
+            if wr.shape[0] == 1:                                       # returns = r + B^c_{n(t)}
+                torch.mm(rm.view(n * nC, C), wr[0], out=dst.view(n * nC, C))
+                if wv is not None:
+                    dst.view(n * nC, C).addmm_(vm.view(n * nC, C), wv[0])
+            else:
+                torch.bmm(rm.view(n, nC, C), wr, out=dst.view(n, nC, C))
+                dst.view(n, nC, C).baddbmm_(vm.view(n, nC, C), wv)
+        # B at each chunk start: L = γ·V + g·A (actor), γ·V + g·(returns − V) (critic)
+        starts = torch.stack([out_a[:, ::C], out_r[:, ::C], vm[:, ::C]]).double()  # [3, n, nC]
         if alpha is None:
-            torch.mm(Xn.view(n * nC, 2 * C), W, out=Yn)
-            d = torch.stack([g_a, g_c]) ** jd                          # [2, C] carry decays
-        else:                                                          # VAPO eq. 5, per row
-            g_rows = gamma * length_adaptive_lambda(lengths, alpha)
-            Wn = _chunk_weights(g_rows, g_c.expand(n), gamma, C)
-            torch.bmm(Xn.view(n, nC, 2 * C), Wn, out=Yn.view(n, nC, 2 * C + 2))
-            d = torch.stack([g_rows[:, None] ** jd, (g_c ** jd).expand(n, C)])   # [2, n, C]
-        Yv = Yn.view(n, nC, 2 * C + 2)
-        L = Yv[:, :, 2 * C:].double()                                  # [n, nC, actor/critic]
-        g_act = g_rows if alpha is not None else g_a
-        carry_a = _suffix_carries(L[:, :, 0], g_act ** C)              # S_{k+1} per chunk k
-        carry_c = _suffix_carries(L[:, :, 1], g_c ** C)
-        outs = (adv[r0:r1], ret[r0:r1]) if not holes else (bufs[3][:n], bufs[4][:n])
-        for i, (out, carry) in enumerate(zip(outs, (carry_a, carry_c))):
-            di = d[i] if alpha is None else d[i][:, None, :]
-            if F:                                                      # B_{n(t)} += g^(C−1−j)·S_{k+1}
-                torch.addcmul(Yv[:, : F // C, i * C:(i + 1) * C], carry[:, : F // C, None].float(),
-                              di.float(), out=out[:, :F].view(n, -1, C))
-            if T > F:                                                  # last chunk: no carry in
-                out[:, F:] = Yv[:, -1, i * C: i * C + T - F]
-        if holes:
-            torch.gather(outs[0], 1, pos, out=adv[r0:r1]).mul_(m0)
-            torch.gather(outs[1], 1, pos, out=ret[r0:r1]).mul_(m0)
-        elif not torch.isfinite(adv[r0:r1].sum()):                     # NaN/inf in r or V shows
-            _check_data(r, v, m)                                       # here (else: overflow)
+            L = torch.mm(coef, starts.view(3, -1)).view(2, n, nC)
+        else:
+            a0, ret0, vm0 = starts.unbind()
+            L = torch.stack([g[0] * a0 + gamma * vm0, g[1] * ret0 + (gamma - g[1]) * vm0])
+        carries = _suffix_carries(L, plan).float()                     # S_{k+1} for chunk k
+        for i, dst in enumerate((out_a, out_r)):                       # += g^(C−1−j)·S_{k+1}
+            dst.view(n, nC, C).addcmul_(carries[i, :, :, None], decay[i, :, None, :])
+        if block_holes:
+            torch.gather(out_a, 1, pos, out=adv[r0:r1]).mul_(m0)
+            torch.gather(out_r, 1, pos, out=ret[r0:r1]).mul_(m0)
+        elif not direct:
+            adv[r0:r1] = out_a[:, :T]
+            ret[r0:r1] = out_r[:, :T]
+        if not block_holes:
+            finite_checks.append(adv[r0:r1].sum())                     # NaN/inf in r or V show here
+    if mask_checks:
+        lo, hi, dots = torch.stack(mask_checks).view(-1, 3).unbind(1)
+        if bool((lo < 0).any() | (hi > 1).any() | (dots != 0).any()):
+            raise ValueError("response_mask: expected only 0 and 1 values")
+    if finite_checks and not bool(torch.isfinite(torch.stack(finite_checks)).all()):
+        _check_data(rewards, values, mask)                             # (else: finite overflow)
     return adv, ret
 
 
@@ -288,7 +334,7 @@ def decoupled_gae_reference(rewards: Tensor, values: Tensor, response_mask: Tens
                             length_adaptive_alpha: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """Float64 per-time-step loop of the module-docstring definition (tests and benchmarks)."""
     _validate(rewards, values, response_mask, gamma,
-              {"lam_actor": lam_actor, "lam_critic": lam_critic}, length_adaptive_alpha, "reference")
+              {"lam_actor": lam_actor, "lam_critic": lam_critic}, length_adaptive_alpha, "cpu")
     _check_data(rewards, values, response_mask)
     r = rewards.detach().double().cpu().numpy()
     v = values.detach().double().cpu().numpy()
@@ -297,10 +343,10 @@ def decoupled_gae_reference(rewards: Tensor, values: Tensor, response_mask: Tens
     if length_adaptive_alpha is None:
         lam_a = np.full(B, float(lam_actor))
     else:
-        lam_a = length_adaptive_lambda(torch.from_numpy(m.sum(1)), float(length_adaptive_alpha)).numpy()
+        lengths = torch.from_numpy(m.sum(1))
+        lam_a = length_adaptive_lambda(lengths, float(length_adaptive_alpha)).numpy()
     adv, ret = np.zeros((B, T)), np.zeros((B, T))
-    nextvalues = np.zeros(B)
-    gae_a, gae_c = np.zeros(B), np.zeros(B)
+    nextvalues, gae_a, gae_c = np.zeros(B), np.zeros(B), np.zeros(B)
     for t in range(T - 1, -1, -1):
         mt = m[:, t]
         delta = r[:, t] + gamma * nextvalues - v[:, t]                 # VC-PPO eq. 3
@@ -314,7 +360,7 @@ def decoupled_gae_reference(rewards: Tensor, values: Tensor, response_mask: Tens
 
 def naive_gae_loop(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float,
                    lam: float) -> tuple[Tensor, Tensor]:
-    """The peers' way: one λ, a masked per-time-step torch loop over columns (benchmark baseline)."""
+    """The peers' way: one λ, a masked per-time-step torch loop over columns (the baseline)."""
     B, T = rewards.shape
     mask = mask.to(values.dtype)
     nextvalues = torch.zeros(B, dtype=values.dtype, device=values.device)
@@ -333,8 +379,9 @@ def naive_gae_loop(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float,
 
 # ------------------------------------------------------------------------------- whitening
 
-def whiten_advantages(advantages: Tensor, mask: Tensor, *, group: Optional[dist.ProcessGroup] = None,
-                      eps: float = 1e-8, shift_mean: bool = True) -> Tensor:
+def whiten_advantages(advantages: Tensor, mask: Tensor, *,
+                      group: Optional[dist.ProcessGroup] = None, eps: float = 1e-8,
+                      shift_mean: bool = True) -> Tensor:
     """Masked whitening (x − mean)/sqrt(var + eps) with statistics over `group` (None: local).
 
     Sum, sum of squares and count over mask = 1 are all-reduced in float64 over the explicit
@@ -351,11 +398,8 @@ def whiten_advantages(advantages: Tensor, mask: Tensor, *, group: Optional[dist.
     if group is not None:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
     s, ss, n = stats.unbind()
-    n_safe = n.clamp_min(1.0)
-    mean = s / n_safe
-    var = (ss / n_safe - mean * mean).clamp_min(0.0)
-    var = var * torch.where(n > 1, n / (n - 1).clamp_min(1.0), torch.ones_like(n))
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
+    mean = s / n.clamp_min(1.0)
+    var = (ss / n.clamp_min(1.0) - mean * mean).clamp_min(0.0)             # population variance
+    var = var * torch.where(n > 1, n / (n - 1).clamp_min(1.0), 1.0)        # Bessel correction
+    out = (x - mean) * torch.rsqrt(var + eps) + (0.0 if shift_mean else mean)
     return (out * m).to(advantages.dtype)

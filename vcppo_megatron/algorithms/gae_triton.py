@@ -100,7 +100,8 @@ def _chunk_scan_kernel(r_ptr, v_ptr, m_ptr, ga_ptr, agg_ptr, adv_ptr, ret_ptr, T
 def decoupled_gae_triton(rewards: Tensor, values: Tensor, response_mask: Tensor, *, gamma: float,
                          lam_actor: float, lam_critic: float,
                          length_adaptive_alpha: Optional[float] = None,
-                         block_t: Optional[int] = None) -> tuple[Tensor, Tensor]:
+                         block_t: Optional[int] = None,
+                         out: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
     """Launch the two kernels; inputs already validated by gae.decoupled_gae. Outputs float32."""
     from vcppo_megatron.algorithms.gae import length_adaptive_lambda
 
@@ -118,8 +119,8 @@ def decoupled_gae_triton(rewards: Tensor, values: Tensor, response_mask: Tensor,
     block = block_t or min(BLOCK_T, max(16, triton.next_power_of_2(T)))
     n_chunks = triton.cdiv(T, block)
     agg = torch.empty(B, n_chunks, 4, dtype=torch.float32, device=dev)
-    adv = torch.empty(B, T, dtype=torch.float32, device=dev)
-    ret = torch.empty(B, T, dtype=torch.float32, device=dev)
+    adv, ret = out if out is not None else (torch.empty(B, T, dtype=torch.float32, device=dev)
+                                            for _ in range(2))
     gc = gamma * lam_critic
     warps = 8 if block >= 2048 else 4
     grid = (B, n_chunks)
