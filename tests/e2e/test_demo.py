@@ -29,7 +29,7 @@ def _documented_names() -> set[str]:
 
 def test_demo_runs_all_phases_and_logs_documented_finite_scalars(tmp_path, capsys):
     code = demo.main(["--config", str(ROOT / "examples" / "tiny_cpu.yaml"),
-                      f"trainer.output_dir={tmp_path}", "trainer.sft_steps=20",
+                      f"trainer.output_dir={tmp_path}", "trainer.sft_steps=60",
                       "trainer.value_pretrain_steps=2", "trainer.num_steps=2",
                       "trainer.eval_problems=16", "batch.global_prompts_per_step=8",
                       "batch.global_mini_batch_size=16", "algo.nll_coef=0.1",

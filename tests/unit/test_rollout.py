@@ -225,3 +225,34 @@ def test_too_long_context_is_named(tmp_path):
     build_model_dir(tmp_path)
     with pytest.raises(ValueError, match="max_position_embeddings = 64"):
         RolloutEngine(tmp_path, RolloutConfig(kv_cache_bytes=1 << 20), seed=0)
+
+
+def test_tied_embeddings_update_keeps_parity(tmp_path):
+    """A tied-embedding policy (the demo's) synced by `sync_weights`: vLLM's lm_head follows the
+    updated embedding, so greedy tokens and log-probs match HF with the new weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from vcppo_megatron.trainer.single_process import sync_weights
+
+    tokenizer = build_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        tie_word_embeddings=True, initializer_range=0.3, torch_dtype="float32",
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(1)
+    model = Qwen2ForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    rollout = RolloutConfig(max_prompt_tokens=MAX_PROMPT, max_response_tokens=MAX_RESPONSE,
+                            dtype="float32", kv_cache_bytes=64 << 20)
+    engine = RolloutEngine(tmp_path, rollout, seed=SEED, pad_token_id=tokenizer.pad_token_id)
+    prompts = prompts_of(tokenizer)
+    before = assert_greedy_parity(engine, model, prompts)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(0.5 * torch.randn_like(model.model.embed_tokens.weight))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    sync_weights(engine, model)
+    after = assert_greedy_parity(engine, model, prompts)
+    assert after != before

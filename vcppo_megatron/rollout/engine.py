@@ -158,9 +158,31 @@ class RolloutEngine:
 
         worker = self._llm.llm_engine.model_executor.driver_worker.worker
         worker.reload_weights(weights_iterator=checked())
+        self._retie_embeddings(worker.get_model())
         self._llm.reset_prefix_cache()
         missing = sorted(self._names - seen)
         if unknown or missing:
             raise ValueError(f"update_weights: unknown names {unknown[:5]} ({len(unknown)} in all),"
                              f" missing names {missing[:5]} ({len(missing)} in all); expected "
                              f"exactly the {len(self._names)} names of {self.model_dir}")
+
+    def _retie_embeddings(self, model: torch.nn.Module) -> None:
+        """Point a tied lm_head at the reloaded embedding again.
+
+        vLLM's layerwise reload loads and re-processes the embedding but treats the tied lm_head as
+        a layer with nothing to load: it keeps its old tensors and, on CPU, its gemm kernel packed
+        from the old weight, so without this the sampler uses the pre-update output projection.
+        """
+        hf_config = self._llm.llm_engine.model_config.hf_config
+        text_config = getattr(hf_config, "get_text_config", lambda: hf_config)()
+        if not getattr(text_config, "tie_word_embeddings", False):
+            return
+        lm_head, inner = getattr(model, "lm_head", None), getattr(model, "model", None)
+        embed = getattr(inner, "embed_tokens", None)
+        if lm_head is None or embed is None or not hasattr(lm_head, "tie_weights"):
+            raise RuntimeError(f"{type(model).__name__}: tied embeddings but no lm_head / "
+                               f"model.embed_tokens to re-tie after a weight update")
+        lm_head.tie_weights(embed)
+        # on CPU the output projection runs from a gemm kernel packed from the weight when the
+        # layer is processed; the reload skips the tied lm_head, so repack it from the new weight
+        lm_head.quant_method.process_weights_after_loading(lm_head)

