@@ -339,3 +339,30 @@ def test_pool_isolates_a_crashing_task():
         assert out == [1, "crashed", 2, 3, 4]
     finally:
         pool.close()
+
+
+def test_time_limit_survives_a_swallowed_timeout(monkeypatch):
+    """A timeout raised where Python ignores exceptions (a weakref callback during GC, a broad
+    `except` in library code) is raised again: the limit still holds. Seen in CI: the one-shot
+    alarm landed in a torch._dynamo weakref callback and a 1 s limit took 20 s."""
+    from vcppo_megatron.rewards import math_verifier
+
+    swallowed = []
+
+    def stubborn(answer, ground_truth):
+        deadline = time.monotonic() + 10.0
+        try:
+            while time.monotonic() < deadline:
+                pass
+        except BaseException as err:  # the first timeout is swallowed here
+            swallowed.append(type(err).__name__)
+        while time.monotonic() < deadline:
+            pass
+        return True
+
+    monkeypatch.setattr(math_verifier, "_equivalent", stubborn)
+    start = time.monotonic()
+    assert math_verifier.verify_answer("1", "1", timeout_s=0.5) is False
+    assert time.monotonic() - start < 1.5
+    assert swallowed == ["_VerifyTimeout"]
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

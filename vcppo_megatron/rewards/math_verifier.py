@@ -56,6 +56,7 @@ for _name in ("math_verify.parser", "math_verify.grader"):
 _EXTRACTION_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
 _MAX_DIGITS = 100_000  # exact values larger than 10**_MAX_DIGITS are never a correct answer
 _MAX_DEPTH = 200
+_RETRIGGER_S = 0.05  # the time-limit signal repeats at this period until the block is left
 _HARD_DEADLINE_GRACE_S = 2.0  # pool deadline = timeout_s * 1.5 + grace (IPC, scheduling)
 
 
@@ -75,24 +76,34 @@ def _alarm(seconds: float | None) -> Iterator[None]:
         yield
         return
 
+    armed = [True]
+
     def _raise(signum, frame):
-        raise _VerifyTimeout()
+        if armed[0]:
+            raise _VerifyTimeout()
 
     start = time.monotonic()
     previous = signal.signal(signal.SIGALRM, _raise)
-    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    # The timer repeats every _RETRIGGER_S: code under sympy / math-verify may catch and swallow
+    # the first _VerifyTimeout (a broad `except` in a C-level call path), so raise it again until
+    # the block is left.
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds, _RETRIGGER_S)
     if 0 < outer_delay < seconds:  # someone else's timer (e.g. pytest-timeout) fires first
-        signal.setitimer(signal.ITIMER_REAL, outer_delay)
+        signal.setitimer(signal.ITIMER_REAL, outer_delay, _RETRIGGER_S)
     try:
         yield
     finally:
-        try:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        finally:
-            signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
-            if outer_delay > 0:  # re-arm the outer timer with what is left of it
-                left = max(outer_delay - (time.monotonic() - start), 1e-3)
-                signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
+        while True:  # a tick that lands here is absorbed, never skips the clean-up below
+            try:
+                armed[0] = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                break
+            except _VerifyTimeout:
+                continue
+        signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
+        if outer_delay > 0:  # re-arm the outer timer with what is left of it
+            left = max(outer_delay - (time.monotonic() - start), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
 
 
 # ------------------------------------------------------------------------------ size guard
