@@ -21,7 +21,7 @@ MAX_RESPONSE = 16
 SEED = 1234
 
 
-def build_model_dir(path):
+def build_model_dir(path, tied: bool = False, seed: int = 0):
     """Save a tiny fp32 Qwen2 (head_dim 32, GQA) and the synthetic tokenizer; return the HF model."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -29,10 +29,10 @@ def build_model_dir(path):
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-        tie_word_embeddings=False, initializer_range=0.3, torch_dtype="float32",
+        tie_word_embeddings=tied, initializer_range=0.3, torch_dtype="float32",
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -230,21 +230,9 @@ def test_too_long_context_is_named(tmp_path):
 def test_tied_embeddings_update_keeps_parity(tmp_path):
     """A tied-embedding policy (the demo's) synced by `sync_weights`: vLLM's lm_head follows the
     updated embedding, so greedy tokens and log-probs match HF with the new weights."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from vcppo_megatron.trainer.single_process import sync_weights
 
-    tokenizer = build_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-        tie_word_embeddings=True, initializer_range=0.3, torch_dtype="float32",
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(1)
-    model = Qwen2ForCausalLM(config).eval()
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    model, tokenizer = build_model_dir(tmp_path, tied=True, seed=1)
     rollout = RolloutConfig(max_prompt_tokens=MAX_PROMPT, max_response_tokens=MAX_RESPONSE,
                             dtype="float32", kv_cache_bytes=64 << 20)
     engine = RolloutEngine(tmp_path, rollout, seed=SEED, pad_token_id=tokenizer.pad_token_id)

@@ -39,8 +39,8 @@ class GPTArchitecture:
 
 def hf_get(hf_config: HFConfig, name: str, default: Any = None) -> Any:
     """Read one field from a PretrainedConfig or a config.json dict."""
-    if isinstance(hf_config, Mapping):
-        return hf_config.get(name, default)
+    if isinstance(hf_config, Mapping):  # a parsed config.json: absent fields take HF's default
+        return hf_config[name] if name in hf_config else default
     return getattr(hf_config, name, default)
 
 
