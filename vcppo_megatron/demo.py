@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from vcppo_megatron.config import ConfigError, derive_batch_sizes, load_config
@@ -56,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     writer = SummaryWriter(str(out_dir / "tensorboard"))
     tokenizer = build_tokenizer()
     policy, critic = sp.build_models(cfg, tokenizer)
-    critic.trunk.load_state_dict(policy.model.state_dict())  # critic trunk from the policy
     opts = {"actor": sp.make_optimizer(policy, cfg.actor.optim),
             "critic": sp.make_optimizer(critic, cfg.critic.optim)}
     eval_set = make_problems(tc.eval_problems, seed=tc.seed + 1)
