@@ -185,6 +185,9 @@ def test_cpu_compat_layer(megatron_tp1):
     assert torch.zeros(2, device="cuda").device.type == "cpu"
     assert torch.empty(1, device=torch.cuda.current_device()).device.type == "cpu"
     assert torch.ones(1).cuda().device.type == "cpu" and torch.ones(1).to("cuda:0").device.type == "cpu"
+    assert torch.ones(1).type() == "torch.cuda.FloatTensor"                # optimizer dtype checks
+    assert torch.ones(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+    assert torch.ones(1).type(torch.float64).dtype == torch.float64        # conversion untouched
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     torch.cuda.current_stream().wait_stream(torch.cuda.Stream())

@@ -32,7 +32,8 @@ def _cpu_if_cuda(device: Any) -> Any:
 
 
 class CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA device arguments (`device="cuda"`, `.cuda()`, `.to("cuda")`) to cpu."""
+    """Rewrites CUDA device arguments (`device="cuda"`, `.cuda()`, `.to("cuda")`) to cpu and reports
+    CPU tensors' `type()` under their CUDA name (Megatron's optimizers check it)."""
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None):
         kwargs = dict(kwargs or {})
@@ -40,6 +41,10 @@ class CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = _cpu_if_cuda(kwargs["device"])
         if func is torch.Tensor.cuda:                      # .cuda(): keep the tensor on cpu
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # optimizer and grad-clip code assert `param.type() == "torch.cuda.FloatTensor"`
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else name
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], torch.device("cpu"), *args[2:])
         return func(*args, **kwargs)
