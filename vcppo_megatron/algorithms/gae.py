@@ -18,26 +18,28 @@ count, 0 on padding and on masked tokens inside a response, e.g. tool output in 
   * Both outputs are 0 where mask = 0; rewards/values at masked positions are ignored (but must
     be finite). Outputs are float32; bf16/fp16 inputs are upcast and accumulated in float32.
 
-Fast paths use the equivalent scalar recurrence (g = γλ; no cancellation for γ = λ = 1):
+Backends: "cpu" (gae_numba.py) runs this recurrence literally, one compiled pass per row with both
+λ carries in float64, rows in parallel. "triton" (gae_triton.py) scans along time in parallel with
+the equivalent scalar recurrence (g = γλ; no cancellation for γ = λ = 1):
   B_t = b_t + g·B_{n(t)},  b_t = g·r_t + (γ − g)·V_t,  A_t = r_t − V_t + B_{n(t)},
 which follows from B_t := γ·V_t + g·A_t.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from vcppo_megatron.algorithms.gae_numba import decoupled_gae_cpu
+
 __all__ = ["decoupled_gae", "decoupled_gae_reference", "naive_gae_loop", "whiten_advantages",
            "length_adaptive_lambda"]
 
 BACKENDS = ("auto", "cpu", "triton", "reference")
-_CPU_CHUNK = 16            # time-chunk length C of the blocked matmul scan
-_CPU_BLOCK = 1 << 19       # elements per row block: keeps a block's working set in cache
 
 
 def _triton_available() -> bool:
@@ -111,11 +113,10 @@ def decoupled_gae(rewards: Tensor, values: Tensor, response_mask: Tensor, *, gam
     """Advantages (λ_actor or length-adaptive) and value targets (λ_critic) in one pass.
 
     See the module docstring for the exact semantics. Returns float32 (advantages, returns).
-    backend: "auto" (Triton on CUDA when importable, else "cpu"), "cpu" (blocked-matmul scan on
+    backend: "auto" (Triton on CUDA when importable, else "cpu"), "cpu" (compiled row scan on
     the CPU; other devices' tensors are copied there and back), "triton" (CUDA, or CPU tensors
     under TRITON_INTERPRET=1), "reference" (the float64 loop).
-    out: optional (advantages, returns) buffers to write and return, e.g. reused every step (on a
-    CPU, first-touching fresh 32 MiB outputs can cost as much as the computation itself).
+    out: optional (advantages, returns) buffers to write and return, e.g. reused every step.
     """
     _validate(rewards, values, response_mask, gamma,
               {"lam_actor": lam_actor, "lam_critic": lam_critic}, length_adaptive_alpha, backend)
@@ -141,189 +142,14 @@ def decoupled_gae(rewards: Tensor, values: Tensor, response_mask: Tensor, *, gam
         from vcppo_megatron.algorithms.gae_triton import decoupled_gae_triton
         adv, ret = decoupled_gae_triton(rewards, values, response_mask, out=out, **kw)
     elif rewards.device.type == "cpu":
-        adv, ret = _gae_cpu(rewards, values, response_mask, out=out, **kw)
+        adv, ret = decoupled_gae_cpu(rewards, values, response_mask, out=out, **kw)
     else:                                                              # "cpu" on another device
-        adv, ret = _gae_cpu(rewards.cpu(), values.cpu(), response_mask.cpu(), **kw)
+        adv, ret = decoupled_gae_cpu(rewards.cpu(), values.cpu(), response_mask.cpu(), **kw)
         adv, ret = adv.to(rewards.device), ret.to(rewards.device)
     if out is not None and adv is not out[0]:
         out[0].copy_(adv)
         out[1].copy_(ret)
         return out[0], out[1]
-    return adv, ret
-
-
-# ---------------------------------------------------------------- CPU fast path (blocked scan)
-# Time is cut into chunks of C steps (rows with masked tokens inside are compacted first, so the
-# mask is a prefix). Per row block, chunk-local A and returns are matmuls of the pre-masked
-# rm = m·r and vm = m·V with C×C matrices (_chunk_weights). The chunk's B at its first step,
-# L_k = γ·V + g·A there (as B_t = γ·V_t + g·A_t), feeds the carries S_k = L_k + g^C·S_{k+1}, a
-# short float64 scan over chunks; local step j of chunk k then gets g^(C−1−j)·S_{k+1} added.
-
-def _chunk_weights(g: Tensor, gamma: float, C: int, minus_v: bool) -> tuple[Tensor, Any]:
-    """(Wr, Wv) [rows, C, C] float32 with local B_{n(t)} + m·(r − V or r) = rm @ Wr + vm @ Wv.
-
-    B_{n(t)} within a chunk is Σ_{j'>j} g^(j'−j−1)·b_{j'}, b = g·rm + (γ−g)·vm: with
-    Mex[j', j] = g^(j'−j−1) (j' > j), Wr = I + g·Mex and Wv = (γ−g)·Mex (− I for A; None if 0).
-    """
-    j = torch.arange(C)
-    expo = j[:, None] - j[None, :] - 1
-    p = g[:, None] ** torch.arange(C, dtype=torch.float64)
-    mex = torch.where(expo >= 0, p[:, expo.clamp_min(0)], 0.0)        # [rows, C, C]
-    eye = torch.eye(C, dtype=torch.float64)
-    wv = (gamma - g)[:, None, None] * mex - (eye if minus_v else 0.0)
-    wr = (eye + g[:, None, None] * mex).float()
-    return wr, (wv.float() if bool(wv.ne(0).any()) else None)
-
-
-def _carry_plan(G: Tensor, K: int) -> list[tuple]:
-    """Operators of the carry scan over K chunks for decays G [2, n or 1] (float64), per level:
-    blocks of 16 (then 64) chunks, one small matmul, then recursively over the block sums."""
-    plan = []
-    while True:
-        c = min(K, 16 if not plan else 64)
-        nb = -(-K // c)
-        p = G[..., None] ** torch.arange(c + 1, dtype=torch.float64)  # G^0 … G^c  [2, n, c+1]
-        j = torch.arange(c + 1)
-        expo = j[:c, None] - j[None, :] - 1                           # column c: block sum
-        mex = torch.where(expo >= 0, p[..., expo.clamp_min(0)], 0.0)  # G^(j'−j−1) for j' > j
-        mex[..., c] = p[..., :c]                                       # Σ_j G^j L_j
-        plan.append((K, c, nb, mex.flatten(0, 1), p[..., None, c - 1 - j[:c]]))
-        if nb == 1:
-            return plan
-        G, K = p[..., c], nb
-
-
-def _suffix_carries(L: Tensor, plan: list[tuple], level: int = 0) -> Tensor:
-    """S[.., k] = Σ_{j>k} G^(j−k−1)·L[.., j] for L [2, n, K] (float64): the incoming carries."""
-    K, c, nb, mex, decay = plan[level]
-    q, n = L.shape[:2]
-    Lp = torch.nn.functional.pad(L, (0, nb * c - K)) if nb * c > K else L
-    Lb = Lp.reshape(q, n * nb, c) if mex.shape[0] == q else Lp.reshape(q * n, nb, c)
-    out = torch.bmm(Lb, mex).view(q, n, nb, c + 1)                    # within a block, block sum
-    local = out[..., :c]
-    if nb > 1:                                                         # + carried across blocks
-        local += _suffix_carries(out[..., c], plan, level + 1)[..., None] * decay
-    return local.reshape(q, n, nb * c)[..., :K]
-
-
-def _mask_stats(m: Tensor, C: int) -> tuple[Tensor, Tensor]:
-    """(row is not a prefix of ones, row length) of a 0/1 float mask [B, T]: per-chunk counts
-    must read C, …, C, p, 0, …, 0 and the partial chunk must start with its p ones."""
-    B, T = m.shape
-    F = T // C * C
-    cnt = m[:, :F].reshape(B, -1, C).sum(-1).double()                 # exact: small integers
-    if T > F:
-        cnt = torch.cat([cnt, m[:, F:].sum(1, keepdim=True).double()], 1)
-    K = cnt.shape[1]
-    size = torch.full((K,), float(C), dtype=torch.float64)
-    size[-1] = T - F if T > F else C
-    notfull = (cnt != size).to(torch.int32)
-    k = torch.where(notfull.any(1), notfull.argmax(1), K)             # leading full chunks
-    later = ((torch.arange(K)[None, :] > k[:, None]) & (cnt > 0)).any(1)   # ones after partial
-    idx = (k[:, None] * C + torch.arange(C)[None, :]).clamp_max(T - 1)
-    part = cnt.gather(1, k.clamp_max(K - 1)[:, None])                 # ones in the partial chunk
-    gap = ((torch.arange(C)[None, :] < part) & (m.gather(1, idx) != 1) & (k[:, None] < K)).any(1)
-    return later | gap, cnt.sum(1)
-
-
-def _as_f32(x: Tensor, buf: Tensor) -> Tensor:
-    """x as float32: itself if already float32 and contiguous, else converted into buf."""
-    if x.dtype == torch.bool:                                          # (much faster via uint8)
-        return buf.copy_(x.view(torch.uint8))
-    return x if x.dtype == torch.float32 and x.is_contiguous() else buf.copy_(x)
-
-
-def _compact(r: Tensor, v: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Move each row's valid tokens to the front (order kept): the mask becomes a prefix."""
-    n, T = m.shape
-    pos = torch.cumsum(m, 1, dtype=torch.int64) - 1                   # rank among valid tokens
-    dest = torch.where(m > 0, pos, torch.full_like(pos, T))           # masked → dump column T
-    rc = torch.zeros(n, T + 1).scatter_(1, dest, r)[:, :T]
-    vc = torch.zeros(n, T + 1).scatter_(1, dest, v)[:, :T]
-    mc = (torch.arange(T)[None, :] < pos[:, -1:] + 1).float()
-    return rc, vc, mc, pos.clamp_min(0)
-
-
-def _gae_cpu(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam_actor: float,
-             lam_critic: float, length_adaptive_alpha: Optional[float],
-             out: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
-    """Blocked scan over row blocks: two chunk matmuls, a float64 carry scan, in-place carry-in."""
-    B, T = rewards.shape
-    alpha = length_adaptive_alpha
-    C = _CPU_CHUNK
-    nC = -(-T // C)
-    Tp = nC * C
-    rows = max(1, min(B, _CPU_BLOCK // Tp))
-    ga, gc = gamma * lam_actor, gamma * lam_critic                     # g = γλ (actor if constant)
-    gvec = torch.tensor([[ga], [gc]], dtype=torch.float64)            # [2, 1]
-    w_a = _chunk_weights(gvec[0], gamma, C, minus_v=True)
-    w_c = _chunk_weights(gvec[1], gamma, C, minus_v=False)
-    plan = _carry_plan(gvec ** C, nC)
-    coef = torch.tensor([[ga, 0.0, gamma], [0.0, gc, gamma - gc]], dtype=torch.float64)
-    jd = torch.arange(C - 1, -1, -1, dtype=torch.float64)             # C−1−j
-    decay = (gvec[..., None] ** jd).float()                           # [2, 1, C]
-    adv, ret = out if out is not None else (torch.empty(B, T) for _ in range(2))
-    inb = [torch.empty(rows, T) for _ in range(4)]                    # conversions, scratch
-    pad = [torch.zeros(rows, Tp) for _ in range(2)] + [torch.empty(rows, Tp) for _ in range(2)]
-    mask_checks, finite_checks = [], []
-    for r0 in range(0, B, rows):
-        r1 = min(B, r0 + rows)
-        n = r1 - r0
-        r, v, m = (_as_f32(x[r0:r1], b[:n]) for x, b in zip((rewards, values, mask), inb))
-        holes, lengths = _mask_stats(m, 128)
-        block_holes = bool(holes.any())
-        if alpha is not None:                                          # VAPO eq. 5, per row
-            g = torch.stack([gamma * length_adaptive_lambda(lengths, alpha),
-                             gvec[1].expand(n)])[..., None]           # [2, n, 1]
-            w_a = _chunk_weights(g[0, :, 0], gamma, C, minus_v=True)
-            plan = _carry_plan(g[..., 0] ** C, nC)
-            decay = (g ** jd).float()                                  # [2, n, C]
-        else:
-            g = gvec[..., None]
-        if block_holes:                                                # masked tokens mid-row
-            _check_data(r, v, m)                                       # (compaction drops them)
-            m0 = m
-            r, v, m, pos = _compact(r, v, m)
-        rm, vm = pad[0][:n], pad[1][:n]
-        torch.mul(r, m, out=rm[:, :T])                                 # zero tail up to Tp
-        torch.mul(v, m, out=vm[:, :T])
-        if mask.is_floating_point() and not block_holes:               # 0/1 check, exact: [0, 1]
-            one_minus = torch.sub(1.0, m, out=inb[3][:n])              # and Σ m·(1−m) = 0
-            mask_checks += [*torch.aminmax(m), torch.dot(m.flatten(), one_minus.flatten())]
-        direct = Tp == T and not block_holes                           # write into the outputs
-        out_a, out_r = (adv[r0:r1], ret[r0:r1]) if direct else (pad[2][:n], pad[3][:n])
-        for dst, (wr, wv) in ((out_a, w_a), (out_r, w_c)):            # A = r − V + B_{n(t)},
-            if wr.shape[0] == 1:                                       # returns = r + B^c_{n(t)}
-                torch.mm(rm.view(n * nC, C), wr[0], out=dst.view(n * nC, C))
-                if wv is not None:
-                    dst.view(n * nC, C).addmm_(vm.view(n * nC, C), wv[0])
-            else:
-                torch.bmm(rm.view(n, nC, C), wr, out=dst.view(n, nC, C))
-                dst.view(n, nC, C).baddbmm_(vm.view(n, nC, C), wv)
-        # B at each chunk start: L = γ·V + g·A (actor), γ·V + g·(returns − V) (critic)
-        starts = torch.stack([out_a[:, ::C], out_r[:, ::C], vm[:, ::C]]).double()  # [3, n, nC]
-        if alpha is None:
-            L = torch.mm(coef, starts.view(3, -1)).view(2, n, nC)
-        else:
-            a0, ret0, vm0 = starts.unbind()
-            L = torch.stack([g[0] * a0 + gamma * vm0, g[1] * ret0 + (gamma - g[1]) * vm0])
-        carries = _suffix_carries(L, plan).float()                     # S_{k+1} for chunk k
-        for i, dst in enumerate((out_a, out_r)):                       # += g^(C−1−j)·S_{k+1}
-            dst.view(n, nC, C).addcmul_(carries[i, :, :, None], decay[i, :, None, :])
-        if block_holes:
-            torch.gather(out_a, 1, pos, out=adv[r0:r1]).mul_(m0)
-            torch.gather(out_r, 1, pos, out=ret[r0:r1]).mul_(m0)
-        elif not direct:
-            adv[r0:r1] = out_a[:, :T]
-            ret[r0:r1] = out_r[:, :T]
-        if not block_holes:
-            finite_checks.append(adv[r0:r1].sum())                     # NaN/inf in r or V show here
-    if mask_checks:
-        lo, hi, dots = torch.stack(mask_checks).view(-1, 3).unbind(1)
-        if bool((lo < 0).any() | (hi > 1).any() | (dots != 0).any()):
-            raise ValueError("response_mask: expected only 0 and 1 values")
-    if finite_checks and not bool(torch.isfinite(torch.stack(finite_checks)).all()):
-        _check_data(rewards, values, mask)                             # (else: finite overflow)
     return adv, ret
 
 
