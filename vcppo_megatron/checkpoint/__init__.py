@@ -1,6 +1,20 @@
-"""HF <-> Megatron adapters (name maps, TP/PP split/merge) and distributed checkpoints."""
+"""HF <-> Megatron adapters (name maps, TP/PP split/merge), distributed checkpoints, conversion."""
+from vcppo_megatron.checkpoint.convert import (
+    ConversionError,
+    convert_hf_to_megatron,
+    convert_megatron_to_hf,
+)
+from vcppo_megatron.checkpoint.dist import (
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint_meta,
+    resolve_checkpoint_dir,
+    save_checkpoint,
+)
 from vcppo_megatron.checkpoint.hf_weights import (
+    hf_sources,
     hf_to_megatron,
+    hf_to_megatron_param,
     interleave_qkv,
     load_into_model,
     megatron_to_hf,
@@ -10,5 +24,7 @@ from vcppo_megatron.checkpoint.hf_weights import (
     tp_shard,
 )
 
-__all__ = ["hf_to_megatron", "interleave_qkv", "load_into_model", "megatron_to_hf", "pp_stage",
-           "split_qkv", "tp_merge", "tp_shard"]
+__all__ = ["CheckpointError", "ConversionError", "convert_hf_to_megatron", "convert_megatron_to_hf",
+           "hf_sources", "hf_to_megatron", "hf_to_megatron_param", "interleave_qkv", "load_checkpoint",
+           "load_into_model", "megatron_to_hf", "pp_stage", "read_checkpoint_meta", "resolve_checkpoint_dir",
+           "save_checkpoint", "split_qkv", "tp_merge", "tp_shard"]

@@ -169,3 +169,35 @@ def load_into_model(model: torch.nn.Module, mg_state: Mapping[str, Tensor]) -> N
     if missing or unexpected:
         raise KeyError(f"state dict mismatch: missing={sorted(missing)} unexpected={sorted(unexpected)}")
     model.load_state_dict(dict(mg_state), strict=False)
+
+
+def hf_sources(mg_name: str, *, tie_word_embeddings: bool) -> list[str]:
+    """HF tensor names one full Megatron parameter is built from (global layer indices)."""
+    to_hf_global = {v: k for k, v in _GLOBAL_DIRECT.items()}
+    if mg_name in to_hf_global:
+        if tie_word_embeddings and mg_name == "output_layer.weight":
+            return ["model.embed_tokens.weight"]
+        return [to_hf_global[mg_name]]
+    match = _LAYER.match(mg_name)
+    if match is None or match.group(1) != "decoder.layers":
+        raise KeyError(f"Megatron parameter {mg_name!r} has no HF mapping")
+    pre, local = f"model.layers.{match.group(2)}.", match.group(3)
+    to_hf_layer = {v: k for k, v in _LAYER_DIRECT.items()}
+    if local in to_hf_layer:
+        return [pre + to_hf_layer[local]]
+    if local == "mlp.linear_fc1.weight":
+        return [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"]
+    if local.startswith("self_attention.linear_qkv."):
+        kind = local.rsplit(".", 1)[1]
+        return [pre + f"self_attn.{p}.{kind}" for p in ("q_proj", "k_proj", "v_proj")]
+    raise KeyError(f"Megatron parameter {mg_name!r} has no HF mapping")
+
+
+def hf_to_megatron_param(mg_name: str, sources: list[Tensor], *, num_query_groups: int) -> Tensor:
+    """One full Megatron parameter from its HF source tensors (in hf_sources order)."""
+    if mg_name.endswith("mlp.linear_fc1.weight"):
+        return torch.cat(sources, dim=0)
+    if ".self_attention.linear_qkv." in mg_name:
+        return interleave_qkv(*sources, num_query_groups)
+    (tensor,) = sources
+    return tensor

@@ -29,6 +29,10 @@ class ParallelConfig:
     """Tensor-parallel ranks (must divide attention heads and query groups)."""
     pipeline_parallel_size: int = param(1, ge=1)
     """Pipeline stages (must divide the number of layers)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism: shard norm/residual activations over the TP ranks (needs tensor_parallel_size > 1)."""
+    recompute_activations: Literal["none", "full"] = "none"
+    """`full`: keep only each layer's input and recompute the layer in the backward pass (long sequences); `none`: keep all activations."""
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,9 @@ class TrainerConfig:
     eval_problems: int = param(64, ge=1)
     """Held-out problems scored (greedy) before and after RL."""
     output_dir: str = "runs/default"
-    """Directory of TensorBoard logs and checkpoints."""
+    """Directory of TensorBoard logs and checkpoints; a run resumes from the latest checkpoint found here."""
+    checkpoint_interval: int = param(10, ge=1)
+    """RL steps between checkpoints; one is also saved when SLURM signals the end of the job (USR1)."""
 
 
 @dataclass(frozen=True)

@@ -60,8 +60,12 @@ class RolloutEngine:
     """
 
     def __init__(self, model_dir: str | Path, config: RolloutConfig, *, seed: int,
-                 pad_token_id: int = 0) -> None:
-        """Start the engine; `max_model_len` = `max_prompt_tokens` + `max_response_tokens`."""
+                 pad_token_id: int = 0, enable_sleep_mode: bool = False) -> None:
+        """Start the engine; `max_model_len` = `max_prompt_tokens` + `max_response_tokens`.
+
+        `enable_sleep_mode` lets `sleep` / `wake_up` release GPU memory between rollouts (vLLM's
+        CuMem allocator; GPU only: on CPU the engine starts without it and they do nothing).
+        """
         self.model_dir = Path(model_dir)
         self.config = config
         self.pad_token_id = pad_token_id
@@ -85,6 +89,9 @@ class RolloutEngine:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         if config.tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
+        self.sleep_mode = enable_sleep_mode and not self.on_cpu
+        if self.sleep_mode:
+            kwargs["enable_sleep_mode"] = True
         self._vllm = vllm
         self._llm = vllm.LLM(**kwargs)
 
@@ -165,6 +172,24 @@ class RolloutEngine:
             raise ValueError(f"update_weights: unknown names {unknown[:5]} ({len(unknown)} in all),"
                              f" missing names {missing[:5]} ({len(missing)} in all); expected "
                              f"exactly the {len(self._names)} names of {self.model_dir}")
+
+    def sleep(self, level: int = 1) -> bool:
+        """Free the engine's GPU memory for training; False (a no-op) without sleep mode or on CPU.
+
+        level 1 drops the KV cache and offloads the weights to host memory; level 2 discards both:
+        then `wake_up(["weights"])`, `update_weights(...)`, `wake_up(["kv_cache"])` (untested here).
+        """
+        if not self.sleep_mode:
+            return False
+        self._llm.sleep(level=level)
+        return True
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> bool:
+        """Re-allocate what `sleep` freed ('weights', 'kv_cache'; None: all); False if a no-op."""
+        if not self.sleep_mode:
+            return False
+        self._llm.wake_up(tags=None if tags is None else list(tags))
+        return True
 
     def _retie_embeddings(self, model: torch.nn.Module) -> None:
         """Point a tied lm_head at the reloaded embedding again.

