@@ -1,1 +1,2 @@
-"""Process groups for actor, critic and rollout; launcher environment (torchrun, SLURM) (issues 4, 7; not yet implemented)."""
+"""Process groups per role (`groups.py`), launcher environment for torchrun and SLURM (`launch.py`),
+layout validation and the per-GPU memory plan (`memory_plan.py`)."""
