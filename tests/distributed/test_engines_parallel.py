@@ -79,8 +79,8 @@ def _references(batch):
     _critic_loss(counts)({"values": values}, batch)[0].backward()
     grads = {k: p.grad for k, p in lm.named_parameters() if k != "lm_head.weight"}
     critic = hf_to_megatron(grads, tie_word_embeddings=False, **conv)
-    critic["output_layer.linear.weight"] = head.weight.grad
-    critic["output_layer.linear.bias"] = torch.zeros(1)   # placeholder: checked against Σ dL/dV
+    critic["output_layer.weight"] = head.weight.grad
+    critic["output_layer.bias"] = torch.zeros(1)   # placeholder: checked against Σ dL/dV
     return hf, lm.config, rm_state, actor, values.detach(), critic, counts
 
 
@@ -89,7 +89,7 @@ def _expected(ref: dict, layout) -> dict:
     from vcppo_megatron.checkpoint import pp_stage, tp_shard
     from vcppo_megatron.engines.core import stage_layers
 
-    tied = "output_layer.weight" not in ref and "output_layer.linear.weight" not in ref
+    tied = "output_layer.weight" not in ref
     stage = pp_stage(ref, layers=stage_layers(2, layout), pre_process=layout.is_first_stage,
                      post_process=layout.is_last_stage, tie_word_embeddings=tied)
     return {k: tp_shard(k, v, tp_rank=layout.tp_rank, tp_size=layout.tp, num_query_groups=2)
@@ -150,12 +150,12 @@ def _worker(rank: int, world_size: int) -> None:
             valid = batch["attention_mask"].bool()
             d_values = float((out["outputs"]["values"] - values_ref)[valid].abs().max())
             got = critic.core.main_grads()
-            d_critic = _max_diff(got, _expected(critic_ref, layout), skip=("output_layer.linear.bias",))
+            d_critic = _max_diff(got, _expected(critic_ref, layout), skip=("output_layer.bias",))
             assert d_values <= TOL and d_critic <= TOL, (d_values, d_critic)
             if layout.is_last_stage:                        # d loss / d bias = Σ_t d loss / d V_t
                 v = values_ref.clone().requires_grad_(True)
                 _critic_loss(counts)({"values": v}, batch)[0].backward()
-                d_bias = float((got["output_layer.linear.bias"] - v.grad.sum()).abs().max())
+                d_bias = float((got["output_layer.bias"] - v.grad.sum()).abs().max())
                 assert d_bias <= TOL and float(v.grad.abs().sum()) > 0, d_bias
             assert critic.step()["stepped"]
             line += f"; critic |values - HF| {d_values:.2e} |grad - HF| {d_critic:.2e}"

@@ -93,15 +93,16 @@ def test_inconsistent_slurm_env_fails_with_a_clear_message(change, fragment):
 
 _WORKER = """
 import json, os, signal, sys, torch, torch.distributed as dist
-from vcppo_megatron.parallel.launch import init_distributed, install_stop_handler
-stop = install_stop_handler()
-e = init_distributed(timeout_s=60)
-t = torch.tensor([float(e.rank + 1)])
-dist.all_reduce(t)
-before = stop.should_stop()
-if e.rank == 1:
-    os.kill(os.getpid(), signal.SIGUSR1)     # only rank 1 is signalled
-after = stop.should_stop()
+from vcppo_megatron.parallel.launch import init_distributed
+from vcppo_megatron.trainer.signals import CheckpointRequest
+with CheckpointRequest((signal.SIGUSR1,)) as stop:
+    e = init_distributed(timeout_s=60)
+    t = torch.tensor([float(e.rank + 1)])
+    dist.all_reduce(t)
+    before = stop.requested(dist.group.WORLD)
+    if e.rank == 1:
+        os.kill(os.getpid(), signal.SIGUSR1)     # only rank 1 is signalled
+    after = stop.requested(dist.group.WORLD)
 print(json.dumps(dict(rank=e.rank, world=e.world_size, local=e.local_rank, node=e.node_rank,
                       launcher=e.launcher, backend=dist.get_backend(), dist_rank=dist.get_rank(),
                       dist_world=dist.get_world_size(), sum=t.item(), before=before, after=after)))
@@ -110,7 +111,8 @@ dist.destroy_process_group()
 
 
 def test_two_tasks_under_simulated_slurm_init_and_all_reduce():
-    """Two real processes with srun's variables (1 node x 2 tasks): gloo init, all_reduce, stop flag."""
+    """Two real processes with srun's variables (1 node x 2 tasks): gloo init, all_reduce, and a
+    CheckpointRequest flag raised by SIGUSR1 on one rank reaching both over the launched group."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

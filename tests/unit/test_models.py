@@ -146,10 +146,10 @@ def test_value_head_reads_final_hidden_state(megatron_tp1):
     ids, pos = tiny_batch()
     with torch.no_grad():
         assert torch.equal(model(ids, pos, None), torch.zeros(*ids.shape, 1))  # zero-initialised
-        model.output_layer.linear.weight.normal_()
-        model.output_layer.linear.bias.fill_(0.5)
+        model.output_layer.weight.normal_()
+        model.output_layer.bias.fill_(0.5)
         values = model(ids, pos, None)
-        ref = model.output_layer.linear(hf.model(input_ids=ids).last_hidden_state)
+        ref = model.output_layer(hf.model(input_ids=ids).last_hidden_state)[0]
     assert "embedding.word_embeddings.weight" in model.state_dict()
     assert values.shape == (*ids.shape, 1)
     assert float((values - ref).abs().max()) <= LOGIT_TOL

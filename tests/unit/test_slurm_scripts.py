@@ -81,9 +81,10 @@ esac
 """
 
 _WORKER = """
-import json, os, sys, time, torch, torch.distributed as dist
-from vcppo_megatron.parallel.launch import init_distributed, install_stop_handler
-stop = install_stop_handler()
+import json, os, signal, sys, time, torch, torch.distributed as dist
+from vcppo_megatron.parallel.launch import init_distributed
+from vcppo_megatron.trainer.signals import CheckpointRequest
+stop = CheckpointRequest((signal.SIGUSR1,)).__enter__()
 e = init_distributed(timeout_s=60)
 t = torch.tensor([float(e.rank + 1)])
 dist.all_reduce(t)
@@ -91,7 +92,7 @@ run_dir = sys.argv[sys.argv.index("--config") + 2].split("=", 1)[1]
 info = dict(rank=e.rank, world=e.world_size, local=e.local_rank, node=e.node_rank, master=e.master_addr,
             port=e.master_port, sum=t.item(), argv=sys.argv[1:], cwd=os.getcwd())
 open(os.path.join(run_dir, f"rank{e.rank}.json"), "w").write(json.dumps(info))
-while not stop.should_stop():
+while not stop.requested(dist.group.WORLD):
     time.sleep(0.1)
 open(os.path.join(run_dir, "checkpoints", f"saved_by_rank{e.rank}"), "w").write("step")
 dist.destroy_process_group()

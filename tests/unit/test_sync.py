@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import weakref
 
 import pytest
@@ -42,7 +43,12 @@ def megatron_tp1():
     model_parallel_cuda_manual_seed(1234)
     yield
     parallel_state.destroy_model_parallel()
-    if own_group:
+    if "vllm" in sys.modules:   # vLLM built its groups on this process group: drop them with it
+        from vllm.distributed.parallel_state import (destroy_distributed_environment,
+                                                     destroy_model_parallel)
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    if own_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -38,7 +38,7 @@ from torch.distributed.checkpoint import save as dcp_save
 
 from vcppo_megatron.checkpoint import dist as ckpt
 from vcppo_megatron.checkpoint.hf_weights import hf_sources, hf_to_megatron_param, megatron_to_hf
-from vcppo_megatron.models.registry import SUPPORTED_ARCHITECTURES, _check_supported
+from vcppo_megatron.models.registry import SUPPORTED_ARCHITECTURES, _check_supported, hf_get
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth",
                    ".msgpack", ".h5")
@@ -158,8 +158,8 @@ def _sharded_sd(model: torch.nn.Module, keep_objects: bool = False) -> dict[str,
 def _heads(hf_config: Mapping[str, Any]) -> dict[str, Any]:
     """num_heads / num_query_groups / tie flag for the hf_weights functions."""
     heads = hf_config["num_attention_heads"]
-    return dict(num_heads=heads, num_query_groups=hf_config.get("num_key_value_heads") or heads,
-                tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)))
+    return dict(num_heads=heads, num_query_groups=hf_get(hf_config, "num_key_value_heads") or heads,
+                tie_word_embeddings=bool(hf_get(hf_config, "tie_word_embeddings", False)))
 
 
 def _check_hf_tensors(index: SafetensorsIndex, meta_state: Mapping[str, torch.Tensor],

@@ -17,8 +17,9 @@ by Megatron's design of that format (not exercised by this project's tests). A T
 optimizer state requested raises CheckpointError. RNG states are restored only into the identical
 layout (same world size, TP, PP); pass `load_rng=False` otherwise.
 
-Note: Megatron-Core 0.16.1's MegatronModule.sharded_state_dict reads parallel_state's TP group
-(transformer/module.py), so parallel_state must be initialised consistently with `pg_collection`.
+Note: Megatron-Core 0.16.1's MegatronModule.sharded_state_dict falls back to parallel_state's TP
+group for modules that carry no `tp_group` (transformer/module.py); `model_sharded_state_dict`
+gives those modules `pg_collection.tp`, so no global parallel state is needed.
 """
 from __future__ import annotations
 
@@ -67,8 +68,14 @@ def layout_of(pg_collection: ProcessGroupCollection) -> dict[str, int]:
 
 
 def model_sharded_state_dict(model: torch.nn.Module, pg_collection: ProcessGroupCollection) -> dict:
-    """GPTModel.sharded_state_dict with the DP x CP group passed explicitly."""
-    return unwrap_model(model).sharded_state_dict(metadata={"dp_cp_group": pg_collection.dp_cp})
+    """GPTModel.sharded_state_dict with the TP and DP x CP groups passed explicitly."""
+    from megatron.core.transformer.module import MegatronModule
+
+    model = unwrap_model(model)
+    for module in model.modules():
+        if isinstance(module, MegatronModule) and not hasattr(module, "tp_group"):
+            module.tp_group = pg_collection.tp
+    return model.sharded_state_dict(metadata={"dp_cp_group": pg_collection.dp_cp})
 
 
 def _rng_state() -> dict[str, Any]:
@@ -126,13 +133,13 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        (tmp / "rng").mkdir()
     dist.barrier()
     model_sd = model_sharded_state_dict(model, pg_collection)
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=dict(OPTIMIZER_SHARDING))
     dist_checkpointing.save(state, str(tmp), sharded_strategy=("torch_dist", 1))
+    (tmp / "rng").mkdir(exist_ok=True)        # after the save: dist_checkpointing wants an empty dir
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()
     if rank == 0:

@@ -32,6 +32,12 @@ _COLUMN = ("embedding.word_embeddings.weight", "output_layer.weight")
 _ROW = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
 
 
+def _is_value_head(name: str, tensor: Tensor) -> bool:
+    """The critic's scalar head `output_layer.weight` [1, hidden]: replicated, never split (an LM
+    head of the same name has one row per vocabulary entry)."""
+    return name.endswith("output_layer.weight") and tensor.shape[0] == 1
+
+
 def interleave_qkv(q: Tensor, k: Tensor, v: Tensor, num_query_groups: int) -> Tensor:
     """Stack HF q/k/v (weights [out, in] or biases [out]) into Megatron's per-group qkv layout."""
     per = lambda t: t.reshape(num_query_groups, -1, *t.shape[1:])          # noqa: E731
@@ -120,7 +126,7 @@ def tp_shard(name: str, tensor: Tensor, *, tp_rank: int, tp_size: int, num_query
     if name.endswith("mlp.linear_fc1.weight"):
         gate, up = tensor.chunk(2, dim=0)                                  # [gate shard; up shard]
         return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], dim=0)
-    if name.endswith(_COLUMN):
+    if name.endswith(_COLUMN) and not _is_value_head(name, tensor):
         return tensor.chunk(tp_size, dim=0)[tp_rank]
     if name.endswith(_ROW):
         return tensor.chunk(tp_size, dim=1)[tp_rank]
@@ -134,7 +140,7 @@ def tp_merge(name: str, shards: list[Tensor], *, num_query_groups: int) -> Tenso
     if name.endswith("mlp.linear_fc1.weight"):
         halves = [s.chunk(2, dim=0) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-    if name.endswith(_COLUMN):
+    if name.endswith(_COLUMN) and not _is_value_head(name, shards[0]):
         return torch.cat(shards, dim=0)
     if name.endswith(_ROW):
         return torch.cat(shards, dim=1)

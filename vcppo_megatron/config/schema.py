@@ -173,6 +173,8 @@ class RolloutConfig:
     """KV-cache size in bytes per rank; required on CPU; null on GPU uses `gpu_memory_utilization`."""
     gpu_memory_utilization: float = param(0.5, gt=0, le=1)
     """Fraction of GPU memory vLLM may use (weights + KV cache) when `kv_cache_bytes` is null."""
+    sync_bucket_bytes: int = param(256 << 20, ge=1)
+    """Bytes per bucket when the actor's weights are gathered into the rollout engine after an update."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,14 @@ class DataConfig:
     """Field holding the ground-truth answer."""
     on_bad_row: Literal["skip", "fail"] = "fail"
     """A malformed row is reported with file:line and then skipped or fatal."""
+    shuffle: bool = True
+    """Visit the training problems in a new seeded random order every epoch."""
+    prompt_template: Literal["auto", "chat", "plain", "none"] = "auto"
+    """Prompt format (data/chat_template.py): `auto` uses the tokenizer's chat template if it has one; the synthetic task always sends the bare problem."""
+    eval_path: str | None = None
+    """jsonl / parquet of held-out problems for periodic evaluation; null uses held-out synthetic problems."""
+    synthetic_problems: int = param(4096, ge=1)
+    """Size of the training pool of the built-in synthetic task (when `train_path` is null)."""
 
 
 @dataclass(frozen=True)
@@ -222,7 +232,21 @@ class TrainerConfig:
     output_dir: str = "runs/default"
     """Directory of TensorBoard logs and checkpoints; a run resumes from the latest checkpoint found here."""
     checkpoint_interval: int = param(10, ge=1)
-    """RL steps between checkpoints; one is also saved when SLURM signals the end of the job (USR1)."""
+    """Value-pretraining and RL steps between checkpoints (VC-PPO ablates value checkpoints at 50 / 100 / 150 steps); one is also saved on SIGTERM / SIGUSR1, and at the end of each phase."""
+    value_checkpoint: str | None = None
+    """Critic checkpoint (a checkpoint root or a step directory) to start RL from; skips value pretraining."""
+    eval_every_steps: int = param(0, ge=0)
+    """RL steps between sampled evaluations on the held-out set (avg@k, pass@k); 0: only before and after RL."""
+    eval_samples: int = param(32, ge=1)
+    """Samples per held-out problem in the sampled evaluation (VAPO: avg@32)."""
+    eval_temperature: float = param(1.0, gt=0)
+    """Sampling temperature of the sampled evaluation (VAPO: 1.0)."""
+    eval_top_p: float = param(0.7, gt=0, le=1)
+    """Top-p of the sampled evaluation (VAPO: 0.7)."""
+    position_bucket_size: int = param(256, ge=1)
+    """Response tokens per bucket of the position-bias view (`position/...` metrics)."""
+    position_num_buckets: int = param(32, ge=1)
+    """Buckets of the position-bias view; later positions fall into the last one."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ per-token division that finalize_model_grads would apply is switched off (num_to
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 from functools import partial
 from typing import Any, Callable, Iterator, Optional
@@ -223,3 +224,37 @@ class EngineCore:
             for k in names:
                 dist.broadcast(out[k], group_src=self.layout.pp - 1, group=self.pgs.pp)
         return out
+
+
+class Engine(abc.ABC):
+    """Public surface shared by PolicyEngine / ValueEngine: schedule, optimizer and modes of `core`.
+
+    Subclasses set `self.core` and define `_head` (the per-token outputs handed to loss_fn).
+    """
+
+    core: EngineCore
+
+    @abc.abstractmethod
+    def _head(self, output: Tensor, mb: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Model output on the last stage [b, s, ...] -> per-token outputs {name: [b, s]}."""
+
+    def forward_backward(self, batch: dict[str, Tensor], loss_fn: Optional[LossFn],
+                         forward_only: bool = False, *, full_grads: bool = False) -> dict[str, Any]:
+        """Micro-batched forward (and backward unless forward_only); see EngineCore.run."""
+        return self.core.run(batch, self._head, loss_fn, forward_only, full_grads)
+
+    def step(self) -> dict[str, float]:
+        """Optimizer step with grad clipping: grad_norm, lr, stepped."""
+        return self.core.step()
+
+    def zero_grad(self) -> None:
+        """Zero gradient buffers."""
+        self.core.zero_grad()
+
+    def train_mode(self) -> contextlib.AbstractContextManager:
+        """Train-mode context."""
+        return self.core.train_mode()
+
+    def eval_mode(self) -> contextlib.AbstractContextManager:
+        """Eval-mode, no-grad context."""
+        return self.core.eval_mode()

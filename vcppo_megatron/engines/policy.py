@@ -1,7 +1,6 @@
 """PolicyEngine: per-token log-probs and entropy (vocab-parallel, chunked) for the actor loss."""
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Mapping, Optional
 
 import torch
@@ -10,7 +9,7 @@ from torch import Tensor
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from vcppo_megatron.config.schema import OptimConfig
-from vcppo_megatron.engines.core import EngineCore, LossFn
+from vcppo_megatron.engines.core import Engine, EngineCore
 from vcppo_megatron.engines.logprobs import vocab_parallel_logprobs
 from vcppo_megatron.models.registry import hf_get
 from vcppo_megatron.parallel.groups import RoleLayout
@@ -34,7 +33,7 @@ class HiddenStatesOutput(torch.nn.Module):
         return hidden, None
 
 
-class PolicyEngine:
+class PolicyEngine(Engine):
     """Actor engine: `forward_backward` gives loss_fn {"log_probs", "entropy"} per micro-batch.
 
     Both are [rows, seq] fp32 and aligned with the token they score: position t holds
@@ -72,24 +71,3 @@ class PolicyEngine:
                                             chunk_size=self.chunk_size, tp_group=self.core.pgs.tp)
         zero = logp.new_zeros(ids.shape[0], 1)
         return {"log_probs": torch.cat([zero, logp], 1), "entropy": torch.cat([zero, ent], 1)}
-
-    def forward_backward(self, batch: dict[str, Tensor], loss_fn: Optional[LossFn],
-                         forward_only: bool = False, *, full_grads: bool = False) -> dict[str, Any]:
-        """Micro-batched forward (and backward unless forward_only); see EngineCore.run."""
-        return self.core.run(batch, self._head, loss_fn, forward_only, full_grads)
-
-    def step(self) -> dict[str, float]:
-        """Optimizer step with grad clipping: grad_norm, lr, stepped."""
-        return self.core.step()
-
-    def zero_grad(self) -> None:
-        """Zero gradient buffers."""
-        self.core.zero_grad()
-
-    def train_mode(self) -> contextlib.AbstractContextManager:
-        """Train-mode context."""
-        return self.core.train_mode()
-
-    def eval_mode(self) -> contextlib.AbstractContextManager:
-        """Eval-mode, no-grad context."""
-        return self.core.eval_mode()

@@ -1,8 +1,7 @@
 """ValueEngine: per-token values from the trunk + replicated scalar value head (models/gpt.py)."""
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -10,7 +9,7 @@ from torch import Tensor
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from vcppo_megatron.config.schema import OptimConfig
-from vcppo_megatron.engines.core import EngineCore, LossFn
+from vcppo_megatron.engines.core import Engine, EngineCore
 from vcppo_megatron.models.registry import SUPPORTED_ARCHITECTURES, hf_get
 from vcppo_megatron.parallel.groups import RoleLayout
 
@@ -19,10 +18,10 @@ def causal_lm_config(hf_config: Any) -> dict[str, Any]:
     """An HF config (causal LM or 1-label sequence classifier) as the causal-LM config dict the
     model registry accepts (the trunk is the same; only `architectures` differs)."""
     cfg = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
-    model_type = cfg.get("model_type")
+    model_type = hf_get(cfg, "model_type")
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"critic model_type={model_type!r}, expected one of {sorted(SUPPORTED_ARCHITECTURES)}")
-    archs = cfg.get("architectures") or []
+    archs = hf_get(cfg, "architectures") or []     # absent: allowed, set to the causal LM below
     allowed = {SUPPORTED_ARCHITECTURES[model_type], SUPPORTED_ARCHITECTURES[model_type].replace(
         "ForCausalLM", "ForSequenceClassification")}
     bad = [a for a in archs if a not in allowed]
@@ -32,7 +31,7 @@ def causal_lm_config(hf_config: Any) -> dict[str, Any]:
     return cfg
 
 
-class ValueEngine:
+class ValueEngine(Engine):
     """Critic engine: `forward_backward` gives loss_fn {"values": [rows, seq]} per micro-batch;
     values[:, t] is the value head applied to the final hidden state at token t."""
 
@@ -58,33 +57,11 @@ class ValueEngine:
         else:
             raise ValueError(f"init_from={init_from!r}, expected 'policy' or 'reward_model'")
         full = self.core.hf_full_state(state, tie_word_embeddings=False)
-        full.pop("output_layer.weight", None)
-        full["output_layer.linear.weight"] = head_w.to(next(iter(full.values())).dtype)
-        full["output_layer.linear.bias"] = torch.zeros(1, dtype=head_w.dtype)
+        full["output_layer.weight"] = head_w.to(next(iter(full.values())).dtype)
+        full["output_layer.bias"] = torch.zeros(1, dtype=head_w.dtype)
         self.core.load_megatron_state(full, tie_word_embeddings=False)
 
     @staticmethod
     def _head(values: Tensor, mb: dict[str, Tensor]) -> dict[str, Tensor]:
         """GPTModel output [b, s, 1] -> {"values": [b, s]} fp32."""
         return {"values": values[..., 0].float()}
-
-    def forward_backward(self, batch: dict[str, Tensor], loss_fn: Optional[LossFn],
-                         forward_only: bool = False, *, full_grads: bool = False) -> dict[str, Any]:
-        """Micro-batched forward (and backward unless forward_only); see EngineCore.run."""
-        return self.core.run(batch, self._head, loss_fn, forward_only, full_grads)
-
-    def step(self) -> dict[str, float]:
-        """Optimizer step with grad clipping: grad_norm, lr, stepped."""
-        return self.core.step()
-
-    def zero_grad(self) -> None:
-        """Zero gradient buffers."""
-        self.core.zero_grad()
-
-    def train_mode(self) -> contextlib.AbstractContextManager:
-        """Train-mode context."""
-        return self.core.train_mode()
-
-    def eval_mode(self) -> contextlib.AbstractContextManager:
-        """Eval-mode, no-grad context."""
-        return self.core.eval_mode()

@@ -24,7 +24,8 @@ def _names_of_cell(cell: str) -> list[str]:
         return []
     base = found[0]
     stem = base.rsplit("/", 1)[0]
-    return [base] + [f"{stem}/{s.strip('/')}" for s in found[1:]]
+    # "`a/b/mean`, `/std`": a leading slash replaces the last segment; "`x/lr`, `y/lr`": two names
+    return [base] + [f"{stem}/{s.strip('/')}" if s.startswith("/") else s for s in found[1:]]
 
 
 def _pattern(name: str) -> re.Pattern[str]:

@@ -13,18 +13,20 @@ from vcppo_megatron.models.registry import HFConfig, architecture_from_hf
 
 
 class ValueHead(torch.nn.Module):
-    """Replicated Linear(hidden, 1) standing in for GPTModel.output_layer (same call signature)."""
+    """Replicated scalar head, value = hidden @ weight.T + bias, standing in for GPTModel.output_layer
+    (same call signature). Its parameters are named `weight` [1, hidden] and `bias` [1] like the LM
+    head's, which GPTModel's sharded_state_dict (distributed checkpoints) expects to find."""
 
     def __init__(self, hidden_size: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.linear = torch.nn.Linear(hidden_size, 1, dtype=dtype)
-        torch.nn.init.zeros_(self.linear.weight)           # identical on every TP rank, no RNG needed
-        torch.nn.init.zeros_(self.linear.bias)
+        # zero init: identical on every TP rank, no RNG needed
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
 
     def forward(self, hidden: Tensor, weight: Optional[Tensor] = None,
                 runtime_gather_output: Optional[bool] = None) -> tuple[Tensor, None]:
         """hidden [s, b, h] -> values [s, b, 1] (GPTModel transposes to [b, s, 1])."""
-        return self.linear(hidden), None
+        return torch.nn.functional.linear(hidden, self.weight, self.bias), None
 
 
 def build_gpt_model(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
@@ -192,30 +191,3 @@ def init_distributed(env: Mapping[str, str] | None = None, backend: str | None =
                                 rank=launch.rank, world_size=launch.world_size,
                                 timeout=timedelta(seconds=timeout_s))
     return launch
-
-
-class StopRequest:
-    """Set when SLURM signals the job (sbatch --signal=USR1@...): checkpoint, then exit for requeue."""
-
-    def __init__(self) -> None:
-        self.signalled = False
-
-    def _handler(self, signum: int, frame: object) -> None:
-        self.signalled = True
-
-    def should_stop(self, group: dist.ProcessGroup | None = None) -> bool:
-        """True on every rank if any rank was signalled (one all-reduce; call at step boundaries)."""
-        if not dist.is_initialized():
-            return self.signalled
-        flag = torch.tensor([1 if self.signalled else 0], dtype=torch.int32,
-                            device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item())
-
-
-def install_stop_handler(signals: tuple[int, ...] = (signal.SIGUSR1,)) -> StopRequest:
-    """Catch `signals` (default SIGUSR1, which the sbatch scripts forward) into a StopRequest."""
-    request = StopRequest()
-    for signum in signals:
-        signal.signal(signum, request._handler)
-    return request

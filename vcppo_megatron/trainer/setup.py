@@ -1,0 +1,157 @@
+"""What a run is built from: checked layout, the initial HF model directory, data, engines.
+
+Every rank runs the same code. Rank 0 writes files (the tiny model of the demo) and the others
+wait at a barrier, so nothing here depends on a shared file system being fast.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from vcppo_megatron.config import ConfigError
+from vcppo_megatron.config.schema import Config
+from vcppo_megatron.data.chat_template import encode_prompt
+from vcppo_megatron.data.prompts import load_problems
+from vcppo_megatron.data.synthetic import build_tokenizer, make_problems
+
+INIT_MODEL_DIR = "init_model"
+
+
+def check_layout(cfg: Config, world_size: int) -> None:
+    """Raise ConfigError for layouts this trainer does not run (each message names the field)."""
+    a, c = cfg.actor.parallel, cfg.critic.parallel
+    if (a.tensor_parallel_size, a.pipeline_parallel_size) != (c.tensor_parallel_size, c.pipeline_parallel_size):
+        raise ConfigError(
+            f"critic.parallel (TP={c.tensor_parallel_size}, PP={c.pipeline_parallel_size}) differs from "
+            f"actor.parallel (TP={a.tensor_parallel_size}, PP={a.pipeline_parallel_size}): expected the "
+            f"same tensor and pipeline sizes (both roles train on the same data-parallel rows)")
+    model_parallel = a.tensor_parallel_size * a.pipeline_parallel_size
+    rollout_tp = cfg.rollout.tensor_parallel_size
+    if model_parallel % rollout_tp:
+        raise ConfigError(f"rollout.tensor_parallel_size = {rollout_tp}: expected a divisor of the actor's "
+                          f"tensor x pipeline size {model_parallel} (a rollout replica lies inside one "
+                          f"training replica)")
+    replicas = world_size // rollout_tp
+    if cfg.batch.global_prompts_per_step % replicas:
+        raise ConfigError(f"batch.global_prompts_per_step = {cfg.batch.global_prompts_per_step}: expected a "
+                          f"multiple of the {replicas} rollout replicas (world size / rollout.tensor_parallel_size)")
+    if cfg.critic.init_from == "reward_model" and cfg.critic.model_path is None:
+        raise ConfigError("critic.init_from = 'reward_model' with critic.model_path = null: expected an HF "
+                          "sequence-classification checkpoint with one label in critic.model_path")
+    if cfg.algo.kl_coef > 0:
+        raise ConfigError(f"algo.kl_coef = {cfg.algo.kl_coef}: this trainer keeps no reference policy; "
+                          f"expected 0 (VC-PPO and VAPO train without a KL penalty)")
+    if cfg.trainer.sft_steps > 0 and cfg.data.train_path is not None:
+        raise ConfigError(f"trainer.sft_steps = {cfg.trainer.sft_steps} with data.train_path set: the SFT cold "
+                          f"start needs chain-of-thought solutions, which only the synthetic task has; "
+                          f"expected trainer.sft_steps = 0 (start from an SFT checkpoint in actor.model_path)")
+
+
+def _tiny_model(cfg: Config, out: Path) -> None:
+    """Write the random tiny Qwen2-style model and the synthetic task's tokenizer to `out`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer()
+    t = cfg.tiny_model
+    hf_config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_query_groups,
+        intermediate_size=t.ffn_hidden_size, max_position_embeddings=t.max_position_embeddings,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(cfg.trainer.seed)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    Qwen2ForCausalLM(hf_config).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)
+
+
+def initial_model_dir(cfg: Config, output_dir: Path) -> Path:
+    """The actor's starting HF directory: `actor.model_path`, or the tiny model (built once by rank 0)."""
+    if cfg.actor.model_path is not None:
+        path = Path(cfg.actor.model_path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"actor.model_path = {str(path)!r}: expected an HF model directory with "
+                              f"config.json (convert a Megatron checkpoint with tools/convert_megatron_to_hf.py)")
+        return path
+    path = output_dir / INIT_MODEL_DIR
+    if dist.get_rank() == 0 and not (path / "config.json").is_file():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _tiny_model(cfg, path)
+    dist.barrier()
+    return path
+
+
+def read_hf_config(model_dir: Path) -> dict[str, Any]:
+    """config.json of an HF model directory as a dict."""
+    return json.loads((model_dir / "config.json").read_text())
+
+
+def read_hf_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All safetensors weights of an HF model directory (the whole model, on CPU)."""
+    from safetensors.torch import load_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weight files")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+@dataclass
+class PromptSet:
+    """Encoded prompts and their answers."""
+
+    name: str
+    prompt_ids: list[list[int]]
+    answers: list[str]
+    problems: list[str]
+
+
+def _encode(name: str, problems: list[str], answers: list[str], tokenizer: Any, template: str) -> PromptSet:
+    return PromptSet(name, [encode_prompt(p, tokenizer, template) for p in problems], answers, problems)
+
+
+def load_prompt_sets(cfg: Config, tokenizer: Any) -> tuple[PromptSet, PromptSet]:
+    """(training prompts, held-out prompts): from data files, or the synthetic task (seeded)."""
+    d, seed = cfg.data, cfg.trainer.seed
+    if d.train_path is None:
+        train = make_problems(d.synthetic_problems, seed=seed * 7 + 3)
+        train_set = _encode("synthetic", [p.prompt for p in train], [p.answer for p in train], tokenizer, "none")
+    else:
+        rows, report = load_problems(d.train_path, problem_key=d.problem_key, answer_key=d.answer_key,
+                                     on_bad_row=d.on_bad_row)
+        if dist.get_rank() == 0:
+            print(report.summary(), flush=True)
+        train_set = _encode(Path(d.train_path).stem, [r.problem for r in rows], [r.answer for r in rows],
+                            tokenizer, d.prompt_template)
+    if d.eval_path is None:
+        held = make_problems(cfg.trainer.eval_problems, seed=seed + 1)
+        eval_set = _encode("synthetic_eval", [p.prompt for p in held], [p.answer for p in held], tokenizer,
+                           "none")
+    else:
+        rows, report = load_problems(d.eval_path, problem_key=d.problem_key, answer_key=d.answer_key,
+                                     on_bad_row=d.on_bad_row)
+        if dist.get_rank() == 0:
+            print(report.summary(), flush=True)
+        eval_set = _encode(Path(d.eval_path).stem, [r.problem for r in rows], [r.answer for r in rows],
+                           tokenizer, d.prompt_template)
+    return train_set, eval_set
+
+
+def sft_examples(cfg: Config, step: int, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+    """The global SFT batch of `step`: (prompt ids, solution ids + end-of-sequence) pairs."""
+    problems = make_problems(cfg.batch.global_sft_batch_size, seed=cfg.trainer.seed * 7919 + step)
+    return [(tokenizer(p.prompt, add_special_tokens=False)["input_ids"],
+             tokenizer(p.solution(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+            for p in problems]
