@@ -25,8 +25,11 @@ $(STAMP): setup.py
 test: setup
 	$(PY) -m pytest -m "not gpu" -q
 
+# the demo starts over each time (a real run resumes from trainer.output_dir instead)
 demo: setup
-	$(PY) -m vcppo_megatron.demo --config examples/tiny_cpu.yaml
+	rm -rf runs/tiny_cpu
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node 2 \
+	    -m vcppo_megatron.train --config examples/tiny_cpu.yaml
 
 docs: setup
 	$(PY) -m vcppo_megatron.config.docs --write

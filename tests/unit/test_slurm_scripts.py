@@ -3,7 +3,9 @@
 The simulated run starts 2 real tasks (2 nodes x 1 task) through the script's srun line with a
 stand-in trainer module that initialises torch.distributed through `init_distributed`, records
 its ranks and arguments, then waits for USR1: the test signals the batch shell like
-`--signal=B:USR1@...` would, and checks checkpoint-then-requeue.
+`--signal=B:USR1@...` would, and checks checkpoint-then-requeue. A second simulated job runs the
+real trainer (1 node x 2 tasks, tiny CPU recipe), preempts it with USR1 in the RL phase and
+resumes it in the requeued job.
 """
 from __future__ import annotations
 
@@ -101,18 +103,10 @@ dist.destroy_process_group()
 
 def test_simulated_slurm_job_runs_two_tasks_and_requeues_on_usr1(tmp_path):
     """2 nodes x 1 task through the sbatch script, submitted from another directory."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     script = SCRIPTS[0]
-    (bin_dir / "srun").write_text(_FAKE_SRUN.format(python=sys.executable))
-    (bin_dir / "scontrol").write_text(_FAKE_SCONTROL.format(script=script))
-    for tool in bin_dir.iterdir():
-        tool.chmod(0o755)
     (tmp_path / "fake_trainer.py").write_text(textwrap.dedent(_WORKER))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE",
-                                                                      "LOCAL_", "MASTER_", "VCPPO_"))}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_LOG=str(tmp_path / "fake.log"),
-               SLURM_JOB_ID="777", SLURM_JOB_NAME="vcppo-test", SLURM_JOB_NUM_NODES="2",
+    env = _fake_slurm_env(tmp_path, script)
+    env.update(SLURM_JOB_ID="777", SLURM_JOB_NAME="vcppo-test", SLURM_JOB_NUM_NODES="2",
                SLURM_JOB_NODELIST="localhost,127.0.0.1", GPUS_PER_NODE="1", VENV=str(Path(sys.executable).parents[1]),
                RUN_ROOT=str(tmp_path / "runs"), TRAIN_MODULE="fake_trainer", PYTHONPATH=str(tmp_path),
                CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
@@ -142,11 +136,118 @@ def test_simulated_slurm_job_runs_two_tasks_and_requeues_on_usr1(tmp_path):
     assert "requeueing job 777" in (run_dir / "logs" / "restart0.log").read_text()
 
 
+def _fake_slurm_env(tmp_path: Path, script: Path) -> dict[str, str]:
+    """A clean environment whose PATH starts with the fake srun / scontrol (they log to FAKE_LOG)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(_FAKE_SRUN.format(python=sys.executable))
+    (bin_dir / "scontrol").write_text(_FAKE_SCONTROL.format(script=script))
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(
+        ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "GROUP_", "NODE_RANK", "MASTER_", "VCPPO_", "TRAIN_MODULE",
+         "RECIPE", "RUN_DIR", "TORCHELASTIC_"))}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_LOG=str(tmp_path / "fake.log"))
+    return env
+
+
 def test_simulated_job_without_venv_or_trainer_fails_clearly(tmp_path):
     env = dict(os.environ, SLURM_JOB_ID="5", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="localhost",
                VCPPO_REPO=str(ROOT), RUN_ROOT=str(tmp_path), VENV=str(tmp_path / "nope"))
     out = subprocess.run(["bash", str(SCRIPTS[1])], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2 and f"no venv at VENV={tmp_path / 'nope'}" in out.stderr
+
+
+_TINY_OVERRIDES = ["trainer.sft_steps=10", "trainer.value_pretrain_steps=1", "trainer.num_steps=2",
+                   "trainer.eval_samples=2", "trainer.eval_problems=16"]
+
+
+def _wait_for_line(shell: subprocess.Popen, log: Path, needle: str, timeout_s: float) -> None:
+    """Wait until `needle` shows in the job log; fail with the log if the job ends or stalls first."""
+    deadline = time.time() + timeout_s
+    while not (log.is_file() and needle in log.read_text()):
+        assert shell.poll() is None, f"job ended before {needle!r}:\n" + shell.communicate()[0] + _read(log)
+        assert time.time() < deadline, f"no {needle!r} after {timeout_s}s:\n" + _read(log)
+        time.sleep(0.2)
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.is_file() else f"({path} missing)"
+
+
+def _scalar_steps(event_file: Path) -> dict[str, list[int]]:
+    """Steps written per scalar tag in one TensorBoard event file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_simulated_job_runs_the_trainer_checkpoints_on_usr1_and_resumes_when_requeued(tmp_path):
+    """The real trainer (tiny CPU recipe) as 1 node x 2 srun tasks: USR1 in the RL phase, requeue, resume."""
+    script = SCRIPTS[0]
+    env = _fake_slurm_env(tmp_path, script)
+    env.update(SLURM_JOB_ID="4243", SLURM_JOB_NAME="vcppo-tiny", SLURM_JOB_NUM_NODES="1",
+               SLURM_JOB_NODELIST="localhost", GPUS_PER_NODE="2", VENV=str(Path(sys.executable).parents[1]),
+               RUN_ROOT=str(tmp_path / "runs"), RECIPE=str(ROOT / "examples" / "tiny_cpu.yaml"),
+               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    run_dir = tmp_path / "runs" / "vcppo-tiny-4243"
+    ckpt = run_dir / "checkpoints"
+    log0, log1 = run_dir / "logs" / "restart0.log", run_dir / "logs" / "restart1.log"
+
+    # job 4243, first start: signalled (like --signal=B:USR1@...) once the RL phase has begun
+    shell = subprocess.Popen(["bash", str(script), *_TINY_OVERRIDES], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_line(shell, log0, "== greedy accuracy before RL:", timeout_s=420)
+        shell.send_signal(signal.SIGUSR1)
+        out, _ = shell.communicate(timeout=300)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+    text0 = log0.read_text()
+    assert shell.returncode == 0, out + text0
+    assert "== vcppo_megatron trainer: 2 ranks, actor/critic TP=1 PP=1 DP=2" in text0, text0
+    assert "[rl 1/2]" in text0 and "[rl 2/2]" not in text0, text0        # stopped after RL step 1 of 2
+    assert "== SIGUSR1: checkpoint written; exiting" in text0, text0
+    assert "trainer exited with 3 after USR1; requeueing job 4243" in text0, text0
+    assert "scontrol requeue 4243" in (tmp_path / "fake.log").read_text()
+    # value pretraining (1 step) + 1 RL step: actor and critic at global step 2
+    for role in ("actor", "critic"):
+        assert (ckpt / role / "latest").read_text().strip() == "step_00000002", role
+    before = text0.split("== greedy accuracy before RL: ")[1].split()[0]
+
+    # the requeued job: same job id and run dir, SLURM_RESTART_COUNT=1
+    env["SLURM_RESTART_COUNT"] = "1"
+    done = subprocess.run(["bash", str(script), *_TINY_OVERRIDES], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=420)
+    text1 = _read(log1)
+    assert done.returncode == 0, done.stdout + done.stderr + text1
+    assert "trainer exited with 0" in text1, text1
+    assert "== vcppo_megatron trainer: 2 ranks" in text1, text1
+    assert f"== resumed from {ckpt / 'critic' / 'step_00000002'} (actor step_00000002): phase rl, 1 steps done" \
+        in text1, text1
+    # no phase ran twice: no SFT, no value pretraining, no second pre-RL evaluation, only RL step 2
+    assert "[sft" not in text1 and "[value_pretrain" not in text1 and "[rl 1/2]" not in text1, text1
+    assert "[rl 2/2]" in text1 and "greedy accuracy before RL" not in text1, text1
+    assert f"== greedy accuracy on 16 held-out problems: before RL {before} -> after RL " in text1, text1
+    assert "synthetic_eval/pass@2" in text1, text1
+    for role in ("actor", "critic"):
+        assert (ckpt / role / "latest").read_text().strip() == "step_00000003", role
+        assert (ckpt / role / "step_00000003").is_dir(), role
+    assert (ckpt / "critic" / "step_00000001").is_dir()       # end of value pretraining (critic only)
+    assert (tmp_path / "fake.log").read_text().count("scontrol requeue") == 1     # the finished job stays done
+    # TensorBoard: one event file per start; the metrics continue where the first start stopped
+    events = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"),
+                    key=lambda p: int(p.name.split(".")[3]))       # events.out.tfevents.<unix time>.<host>...
+    assert len(events) == 2, events
+    first, second = (_scalar_steps(e) for e in events)
+    assert first["value_pretrain/critic/explained_variance"] == [0], first
+    assert first["rl/reward/mean"] == [0] and first["eval/accuracy"] == [0], first
+    assert second["rl/reward/mean"] == [1] and second["eval/accuracy"] == [2], second
+    assert "value_pretrain/critic/explained_variance" not in second and "sft/loss" not in second, second
 
 
 def _logs(run_dir: Path) -> str:

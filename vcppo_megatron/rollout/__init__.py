@@ -6,7 +6,7 @@ from vcppo_megatron.rollout.batch import FittedPrompts, RolloutBatch, fit_prompt
 from vcppo_megatron.rollout.engine import RolloutEngine
 
 # rollout.sync imports megatron.core (through the checkpoint package): loaded on first use, so
-# `import vcppo_megatron.rollout` stays light for the single-process demo
+# `import vcppo_megatron.rollout` stays light for tools that only sample (tools/evaluate.py)
 _SYNC_NAMES = ("SyncStats", "export_hf_dir", "hf_weight_buckets", "iter_bucket_tensors",
                "sync_to_rollout", "unwrap_model")
 

@@ -29,7 +29,8 @@ class Samples:
     rewards: list[float]
     truncated: list[bool]
     prompt_index: list[int]
-    """Index of each sample's prompt in the list handed to `sample_and_score`."""
+    """Index of each sample's prompt in the list handed to `sample_and_score` (after
+    `gather_samples`, indices into each contributing rank's own list)."""
     num_skipped_prompts: int = 0
 
     def __len__(self) -> int:
@@ -138,6 +139,9 @@ def build_experience(samples: Samples, pad_token_id: int) -> Experience:
     rows = [p + r for p, r in zip(samples.prompt_ids, samples.response_ids, strict=True)]
     if any(len(r) == 0 for r in samples.response_ids):
         raise ValueError("a sampled response has no tokens: expected >= 1 (rollout.max_response_tokens >= 1)")
+    if any(len(p) == 0 for p in samples.prompt_ids):
+        raise ValueError("a prompt has no tokens: expected >= 1 (the first response token is scored "
+                         "given the prompt)")
     seq = max(len(x) for x in rows)
     ids = torch.full((len(rows), seq), pad_token_id, dtype=torch.long)
     attn = torch.zeros(len(rows), seq, dtype=torch.long)

@@ -389,7 +389,7 @@ class Trainer:
                     and step + 1 < steps:
                 self._sampled_eval(step + 1)
             stop = request.requested(dist.group.WORLD)
-            if stop or (step + 1) % tc.checkpoint_interval == 0:
+            if stop or ((step + 1) % tc.checkpoint_interval == 0 and step + 1 < steps):  # the end saves too
                 self._save(offset + step + 1, actor=phase == "rl")
             if stop:
                 self._print(f"== {request.received.name if request.received else 'signal'}: checkpoint "
