@@ -9,7 +9,6 @@ import random
 
 import torch
 import torch.distributed as dist
-
 from dist_utils import run_gloo
 
 ITERATIONS, ROWS_PER_RANK = 12, 32

@@ -225,6 +225,10 @@ class TrainerConfig:
     """Learning rate of the SFT cold start (AdamW, otherwise as `actor.optim`)."""
     value_pretrain_steps: int = param(0, ge=0)
     """Steps of value pretraining with the policy frozen (phase 1, VC-PPO §3.2; 0 skips it)."""
+    value_pretrain_patience: int = param(0, ge=0)
+    """Stop value pretraining early once the explained variance has not improved by `value_pretrain_min_delta` for this many steps (VC-PPO §3.2: train until the value loss and EV plateau); 0 runs all `value_pretrain_steps`."""
+    value_pretrain_min_delta: float = param(0.01, ge=0)
+    """Smallest gain in explained variance that counts as an improvement for `value_pretrain_patience`."""
     num_steps: int = param(100, ge=0)
     """RL steps to run (phase 2)."""
     eval_problems: int = param(64, ge=1)

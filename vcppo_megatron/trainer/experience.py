@@ -9,8 +9,9 @@ GAE runs on response-aligned [N, R] views (`to_response` / `to_full` convert).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -32,8 +32,13 @@ from vcppo_megatron.algorithms.gae import decoupled_gae, whiten_advantages
 from vcppo_megatron.algorithms.metrics import MetricAccumulator
 from vcppo_megatron.algorithms.pass_at_k import avg_at_k, default_ks, mean_pass_at_k
 from vcppo_megatron.algorithms.position_stats import PositionStats
-from vcppo_megatron.checkpoint.dist import (load_checkpoint, read_checkpoint_meta, resolve_checkpoint_dir,
-                                            save_checkpoint, step_dir_name)
+from vcppo_megatron.checkpoint.dist import (
+    load_checkpoint,
+    read_checkpoint_meta,
+    resolve_checkpoint_dir,
+    save_checkpoint,
+    step_dir_name,
+)
 from vcppo_megatron.config import derive_batch_sizes
 from vcppo_megatron.config.schema import Config
 from vcppo_megatron.data.prompts import PromptOrder
@@ -41,12 +46,25 @@ from vcppo_megatron.engines import PolicyEngine, ValueEngine
 from vcppo_megatron.logging import MetricWriter, ProgressLine
 from vcppo_megatron.parallel.groups import build_role_groups
 from vcppo_megatron.rollout import RolloutEngine
-from vcppo_megatron.rollout.sync import hf_weight_buckets, iter_bucket_tensors, sync_to_rollout
+from vcppo_megatron.rollout.sync import (
+    hf_weight_buckets,
+    iter_bucket_tensors,
+    sync_to_rollout,
+)
 from vcppo_megatron.trainer import setup
-from vcppo_megatron.trainer.experience import (Samples, build_experience, gather_samples, sample_and_score,
-                                               values_of_tokens)
 from vcppo_megatron.trainer.evaluation import sampling
-from vcppo_megatron.trainer.ppo import UpdateResult, actor_loss_fn, critic_loss_fn, ppo_update
+from vcppo_megatron.trainer.experience import (
+    build_experience,
+    gather_samples,
+    sample_and_score,
+    values_of_tokens,
+)
+from vcppo_megatron.trainer.ppo import (
+    UpdateResult,
+    actor_loss_fn,
+    critic_loss_fn,
+    ppo_update,
+)
 from vcppo_megatron.trainer.signals import CheckpointRequest
 
 PHASES = ("sft", "value_pretrain", "rl", "done")
@@ -114,7 +132,8 @@ class Trainer:
                                   max_tokens_per_micro_batch=self.max_tokens_per_mb, attention_backend="auto")
         self.writer = MetricWriter(self.out / "tensorboard", enabled=self.rank == self.log_rank)
         self.rollout: RolloutEngine | None = None
-        self.state: dict[str, Any] = {"phase": "sft", "phase_step": 0, "actor_step": None}
+        self.state: dict[str, Any] = {"phase": "sft", "phase_step": 0, "actor_step": None,
+                                      "ev_best": None, "ev_since": 0}
         self.summary: dict[str, Any] = {}
 
     # ---- building blocks -------------------------------------------------------------------
@@ -176,7 +195,7 @@ class Trainer:
         _load_engine(actor_dir, self.actor, self.actor_pgs, self.hf_config)
         self.order.load_state_dict(state["data"])
         self.summary = dict(state["summary"])
-        self.state = {k: state[k] for k in ("phase", "phase_step", "actor_step")}
+        self.state = {k: state[k] for k in ("phase", "phase_step", "actor_step", "ev_best", "ev_since")}
         self._print(f"== resumed from {critic_dir} (actor {actor_dir.name}): phase {self.state['phase']}, "
                     f"{self.state['phase_step']} steps done")
         return True
@@ -222,10 +241,8 @@ class Trainer:
                 acc.add_shares(res["metrics"])
                 m = acc.reduce(self.report_group)
                 self.writer.scalars("sft", m, step)
-                if (step + 1) % 10 == 0 or step + 1 == steps:
-                    if self.rank == self.log_rank:
-                        progress.step(step, {})
-                        print(f"    sft loss {m['loss']:.4f}", flush=True)
+                if self.rank == self.log_rank and ((step + 1) % 10 == 0 or step + 1 == steps):
+                    print(f"{progress.format(step, {})}  loss {m['loss']:.4f}", flush=True)
         self.actor.core.raw_model.load_state_dict(sft.core.raw_model.state_dict())
         self.actor.core.optimizer.reload_model_params()
         del sft
@@ -334,7 +351,7 @@ class Trainer:
         return m
 
     # ---- evaluation ------------------------------------------------------------------------
-    def _gather_counts(self, local: list[int], what: str) -> list[int]:
+    def _gather_counts(self, local: list[int]) -> list[int]:
         """Concatenate per-replica lists (leaders of rollout replicas contribute) over all ranks."""
         parts: list[Any] = [None] * self.world
         dist.all_gather_object(parts, local if self.rank % self.rollout_tp == 0 else None)
@@ -346,7 +363,7 @@ class Trainer:
         mine = list(range(self.replica, len(ids), self.replicas))
         s = sample_and_score(self.rollout, [ids[i] for i in mine], [answers[i] for i in mine], self.tokenizer,
                              samples_per_prompt=1, seed=0, reward_cfg=self.cfg.reward, greedy=True)
-        correct = self._gather_counts([int(r > 0) for r in s.rewards], "greedy")
+        correct = self._gather_counts([int(r > 0) for r in s.rewards])
         return sum(correct) / max(len(correct), 1)
 
     def _sampled_eval(self, step: int) -> dict[str, float]:
@@ -362,9 +379,9 @@ class Trainer:
         per_problem = [0] * len(mine)
         for j, r in zip(s.prompt_index, s.rewards):
             per_problem[j] += int(r > 0)
-        counts = self._gather_counts(per_problem, "counts")
-        lengths = self._gather_counts([len(r) for r in s.response_ids], "lengths")
-        truncated = self._gather_counts([int(x) for x in s.truncated], "truncated")
+        counts = self._gather_counts(per_problem)
+        lengths = self._gather_counts([len(r) for r in s.response_ids])
+        truncated = self._gather_counts([int(x) for x in s.truncated])
         name = self.eval_set.name
         m = {f"{name}/avg@{n}": avg_at_k(counts, n),
              f"{name}/response_length/mean": sum(lengths) / max(len(lengths), 1),
@@ -373,6 +390,22 @@ class Trainer:
         m["time/eval_s"] = time.perf_counter() - t
         self.writer.scalars("eval", m, step)
         return m
+
+    def _ev_plateaued(self, m: dict[str, float]) -> bool:
+        """Track the best explained variance of value pretraining; True once it stopped improving."""
+        tc = self.cfg.trainer
+        box: list[Any] = [None]
+        if self.rank == self.log_rank:
+            best, since = self.state["ev_best"], self.state["ev_since"]
+            ev = m["critic/explained_variance"] if "critic/explained_variance" in m else None
+            if ev is not None and (best is None or ev > best + tc.value_pretrain_min_delta):
+                best, since = ev, 0
+            else:
+                since += 1
+            box = [(best, since)]
+        dist.broadcast_object_list(box, src=self.log_rank)      # every rank stops at the same step
+        self.state["ev_best"], self.state["ev_since"] = box[0]
+        return self.state["ev_since"] >= tc.value_pretrain_patience
 
     # ---- the run ---------------------------------------------------------------------------
     def _phase_loop(self, phase: str, steps: int, request: CheckpointRequest, offset: int) -> bool:
@@ -385,6 +418,11 @@ class Trainer:
             self.state["phase_step"] = step + 1
             if self.rank == self.log_rank:
                 progress.step(step, m)
+            if phase == "value_pretrain" and tc.value_pretrain_patience and self._ev_plateaued(m):
+                self._print(f"== explained variance has not improved by {tc.value_pretrain_min_delta} for "
+                            f"{tc.value_pretrain_patience} steps (best {self.state['ev_best']}): value "
+                            f"pretraining stops after {step + 1} of {steps} steps")
+                break
             if phase == "rl" and tc.eval_every_steps and (step + 1) % tc.eval_every_steps == 0 \
                     and step + 1 < steps:
                 self._sampled_eval(step + 1)

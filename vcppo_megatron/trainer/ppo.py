@@ -7,14 +7,20 @@ micro-batches and ranks. Logged loss metrics are means over the step's optimizer
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vcppo_megatron.algorithms.losses import GlobalCounts, actor_loss, critic_loss, global_counts
+from vcppo_megatron.algorithms.losses import (
+    GlobalCounts,
+    actor_loss,
+    critic_loss,
+    global_counts,
+)
 from vcppo_megatron.config.schema import AlgoConfig
 from vcppo_megatron.engines.core import LossFn
 from vcppo_megatron.trainer.experience import values_of_tokens

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import signal
 import types
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -23,15 +22,15 @@ class CheckpointRequest:
 
     def __init__(self, signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS) -> None:
         self.signals = signals
-        self.received: Optional[signal.Signals] = None
+        self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
 
-    def _handle(self, signum: int, frame: Optional[types.FrameType]) -> None:
+    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         """Record the first signal; later ones change nothing (the loop is already stopping)."""
         if self.received is None:
             self.received = signal.Signals(signum)
 
-    def __enter__(self) -> "CheckpointRequest":
+    def __enter__(self) -> CheckpointRequest:
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -41,7 +40,7 @@ class CheckpointRequest:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def requested(self, group: Optional[dist.ProcessGroup] = None) -> bool:
+    def requested(self, group: dist.ProcessGroup | None = None) -> bool:
         """Whether any rank of `group` (None: this process only) has received a signal."""
         flag = self.received is not None
         if group is None or not dist.is_initialized():
