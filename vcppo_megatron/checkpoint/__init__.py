@@ -1,6 +1,8 @@
 """HF <-> Megatron adapters (name maps, TP/PP split/merge), distributed checkpoints, conversion."""
 from vcppo_megatron.checkpoint.convert import (
+    HF_SUBDIR,
     ConversionError,
+    copy_hf_files,
     convert_hf_to_megatron,
     convert_megatron_to_hf,
 )
@@ -24,7 +26,8 @@ from vcppo_megatron.checkpoint.hf_weights import (
     tp_shard,
 )
 
-__all__ = ["CheckpointError", "ConversionError", "convert_hf_to_megatron", "convert_megatron_to_hf",
+__all__ = ["HF_SUBDIR", "CheckpointError", "ConversionError", "convert_hf_to_megatron", "convert_megatron_to_hf",
+           "copy_hf_files",
            "hf_sources", "hf_to_megatron", "hf_to_megatron_param", "interleave_qkv", "load_checkpoint",
            "load_into_model", "megatron_to_hf", "pp_stage", "read_checkpoint_meta", "resolve_checkpoint_dir",
            "save_checkpoint", "split_qkv", "tp_merge", "tp_shard"]

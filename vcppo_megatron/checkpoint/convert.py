@@ -212,7 +212,7 @@ class _StreamingSaveStrategy(TorchDistSaveShardedStrategy):
                                       flatten_state_dict=False))
 
 
-def _copy_hf_files(src: Path, dst: Path) -> list[str]:
+def copy_hf_files(src: Path, dst: Path) -> list[str]:
     """Copy config, generation config and tokenizer files (every non-weight top-level file)."""
     dst.mkdir(parents=True, exist_ok=True)
     copied = []
@@ -262,7 +262,7 @@ def convert_hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike
         step_tmp.mkdir(parents=True)
         dist_checkpointing.save(sd, str(step_tmp), sharded_strategy=_StreamingSaveStrategy(materialise))
         bar.close()
-        _copy_hf_files(hf_dir, step_tmp / HF_SUBDIR)
+        copy_hf_files(hf_dir, step_tmp / HF_SUBDIR)
         meta = {"format_version": ckpt.FORMAT_VERSION, "step": 0, "layout": {"tp": 1, "pp": 1, "dp": 1,
                                                                                 "world_size": 1},
                 "model_config": hf_config, "dtype": str(dtype).removeprefix("torch."),
@@ -435,7 +435,7 @@ def convert_megatron_to_hf(megatron_dir: str | os.PathLike, out_dir: str | os.Pa
                 writer.write(k, v)
         writer.close()
     if files_dir.is_dir():
-        _copy_hf_files(files_dir, out_dir)
+        copy_hf_files(files_dir, out_dir)
     if not (out_dir / "config.json").is_file():
         ckpt._write_json(out_dir / "config.json", hf_config)
     return out_dir

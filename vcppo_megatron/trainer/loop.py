@@ -32,6 +32,7 @@ from vcppo_megatron.algorithms.gae import decoupled_gae, whiten_advantages
 from vcppo_megatron.algorithms.metrics import MetricAccumulator
 from vcppo_megatron.algorithms.pass_at_k import avg_at_k, default_ks, mean_pass_at_k
 from vcppo_megatron.algorithms.position_stats import PositionStats
+from vcppo_megatron.checkpoint import HF_SUBDIR, copy_hf_files
 from vcppo_megatron.checkpoint.dist import (
     load_checkpoint,
     read_checkpoint_meta,
@@ -174,10 +175,12 @@ class Trainer:
         state = dict(self.state, global_step=global_step, data=self.order.state_dict(),
                      summary=self.summary)
         if actor:
-            save_checkpoint(self.ckpt_root / "actor", global_step, model=self.actor.core.model,
-                            pg_collection=self.actor_pgs, optimizer=_optimizer_if_stepped(self.actor),
-                            scheduler=self.actor.core.scheduler, training_state=state,
-                            model_config=self.hf_config)
+            step_dir = save_checkpoint(self.ckpt_root / "actor", global_step, model=self.actor.core.model,
+                                       pg_collection=self.actor_pgs, optimizer=_optimizer_if_stepped(self.actor),
+                                       scheduler=self.actor.core.scheduler, training_state=state,
+                                       model_config=self.hf_config)
+            if self.rank == 0:          # config + tokenizer: converters and tools/evaluate.py read them
+                copy_hf_files(self.model_dir, step_dir / HF_SUBDIR)
         save_checkpoint(self.ckpt_root / "critic", global_step, model=self.critic.core.model,
                         pg_collection=self.critic_pgs, optimizer=_optimizer_if_stepped(self.critic),
                         scheduler=self.critic.core.scheduler, training_state=state,
