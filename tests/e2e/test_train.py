@@ -164,12 +164,13 @@ def test_bad_override_stops_before_starting(tmp_path):
 
 
 def test_value_pretraining_stops_when_explained_variance_plateaus(tmp_path):
-    """One rank; an improvement threshold no step can pass ends value pretraining after the first
-    step that sets the best explained variance (or the first, if it is undefined), then RL runs."""
+    """One rank, bf16 weights; an improvement threshold no step can pass ends value pretraining
+    after the first step that sets the best explained variance (or the first, if it is undefined),
+    then RL runs and checkpoints with the bf16 optimizer state."""
     proc = subprocess.run(_command(tmp_path, "trainer.sft_steps=5", "trainer.value_pretrain_steps=6",
                                    "trainer.value_pretrain_patience=1", "trainer.value_pretrain_min_delta=10",
                                    "trainer.num_steps=1", "trainer.eval_samples=1", "trainer.eval_problems=8",
-                                   nproc=1),
+                                   "actor.params_dtype=bfloat16", "critic.params_dtype=bfloat16", nproc=1),
                           capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     stopped = re.search(r"value pretraining stops after (\d+) of 6 steps", proc.stdout)
@@ -177,3 +178,4 @@ def test_value_pretraining_stops_when_explained_variance_plateaus(tmp_path):
     tb = _scalars(tmp_path / "tensorboard")
     assert sorted(tb["value_pretrain/critic/value_loss"]) == list(range(int(stopped.group(1))))
     assert sorted(tb["rl/reward/mean"]) == [0] and "[rl 1/1]" in proc.stdout
+    assert (tmp_path / "checkpoints" / "actor" / "latest").read_text().strip() == "step_00000007"

@@ -65,6 +65,8 @@ class ActorConfig:
     """Tensor / pipeline layout of the actor."""
     optim: OptimConfig = param(factory=lambda: OptimConfig(lr=1e-6))
     """Optimizer of the actor (VC-PPO §4: lr 1e-6)."""
+    params_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Dtype of the training weights and activations; the distributed optimizer keeps fp32 master weights and reduces gradients in fp32."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class CriticConfig:
     """Tensor / pipeline layout of the critic."""
     optim: OptimConfig = param(factory=lambda: OptimConfig(lr=2e-6))
     """Optimizer of the critic (VC-PPO §4: lr 2e-6)."""
+    params_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Dtype of the training weights and activations; the distributed optimizer keeps fp32 master weights and reduces gradients in fp32."""
 
 
 @dataclass(frozen=True)

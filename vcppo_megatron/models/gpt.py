@@ -67,4 +67,11 @@ def build_gpt_model(
     )
     if value_head and post_process:
         model.output_layer = ValueHead(arch.config.hidden_size, params_dtype)
+    # the torch norm fallback (no Apex / Transformer Engine, e.g. on CPU) keeps its weights in fp32;
+    # TE creates them in params_dtype. One dtype per model, as Megatron's distributed optimizer
+    # assumes: with both in one param group its checkpoint maps states to the wrong parameters.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dtype != params_dtype:
+                param.data = param.data.to(params_dtype)
     return model

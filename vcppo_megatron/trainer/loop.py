@@ -130,7 +130,8 @@ class Trainer:
         self.critic = ValueEngine(self.hf_config if cfg.critic.model_path is None
                                   else setup.read_hf_config(Path(cfg.critic.model_path)),
                                   self.critic_pgs, self.layout, optim=cfg.critic.optim,
-                                  max_tokens_per_micro_batch=self.max_tokens_per_mb, attention_backend="auto")
+                                  max_tokens_per_micro_batch=self.max_tokens_per_mb, attention_backend="auto",
+                                  params_dtype=getattr(torch, cfg.critic.params_dtype))
         self.writer = MetricWriter(self.out / "tensorboard", enabled=self.rank == self.log_rank)
         self.rollout: RolloutEngine | None = None
         self.state: dict[str, Any] = {"phase": "sft", "phase_step": 0, "actor_step": None,
@@ -141,7 +142,7 @@ class Trainer:
     def _policy_engine(self, optim: Any, total_steps: int) -> PolicyEngine:
         return PolicyEngine(self.hf_config, self.actor_pgs, self.layout, optim=optim,
                             max_tokens_per_micro_batch=self.max_tokens_per_mb, total_steps=max(total_steps, 1),
-                            attention_backend="auto")
+                            attention_backend="auto", params_dtype=getattr(torch, self.cfg.actor.params_dtype))
 
     def _print(self, text: str) -> None:
         if self.rank == self.log_rank:
