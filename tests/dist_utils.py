@@ -1,9 +1,11 @@
 """Run a function on N gloo ranks in spawned processes (the distributed tests' launcher)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from typing import Any, Callable
+import sys
+from typing import Any, Callable, Iterator
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -32,3 +34,37 @@ def run_gloo(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> None:
     `fn` must be a module-level function (it is pickled by reference into spawned processes).
     """
     mp.spawn(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+
+
+@contextlib.contextmanager
+def one_gloo_rank(megatron_state: bool = False, drop_vllm_groups: bool = False) -> Iterator[None]:
+    """This process as a 1-rank gloo world (unless one exists), torn down on exit.
+
+    `megatron_state`: also Megatron's parallel_state at TP = PP = 1 with its RNG tracker seeded
+    (for code that still reads it). `drop_vllm_groups`: an in-process vLLM engine built its groups
+    on this world; drop them with it, so that a later engine starts clean.
+    """
+    from vcppo_megatron.platform import setup_device
+
+    setup_device()
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    if megatron_state:
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        parallel_state.initialize_model_parallel(1, 1)
+        model_parallel_cuda_manual_seed(1234)
+    try:
+        yield
+    finally:
+        if megatron_state:
+            parallel_state.destroy_model_parallel()
+        if drop_vllm_groups and "vllm" in sys.modules:
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        if own and dist.is_initialized():
+            dist.destroy_process_group()

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -164,15 +165,24 @@ def test_bad_override_stops_before_starting(tmp_path):
 
 
 def test_value_pretraining_stops_when_explained_variance_plateaus(tmp_path):
-    """One rank, bf16 weights; an improvement threshold no step can pass ends value pretraining
-    after the first step that sets the best explained variance (or the first, if it is undefined),
-    then RL runs and checkpoints with the bf16 optimizer state."""
-    proc = subprocess.run(_command(tmp_path, "trainer.sft_steps=5", "trainer.value_pretrain_steps=6",
+    """One rank, bf16 weights, prompts from jsonl files (one malformed row, skipped and reported);
+    an improvement threshold no step can pass ends value pretraining after the first step that sets
+    the best explained variance (or the first, if it is undefined), then RL runs and checkpoints
+    with the bf16 optimizer state."""
+    rows = [json.dumps({"problem": f"{a}+{b}=", "answer": str(a + b)}) for a in range(10) for b in range(10)]
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train.write_text("\n".join(rows[:80] + ['{"problem": "1+1="}']) + "\n")
+    held.write_text("\n".join(rows[80:]) + "\n")
+    data = (f"data.train_path={train}", f"data.eval_path={held}", "data.prompt_template=none",
+            "data.on_bad_row=skip", "trainer.sft_steps=0")
+    proc = subprocess.run(_command(tmp_path, *data, "trainer.value_pretrain_steps=6",
                                    "trainer.value_pretrain_patience=1", "trainer.value_pretrain_min_delta=10",
                                    "trainer.num_steps=1", "trainer.eval_samples=1", "trainer.eval_problems=8",
                                    "actor.params_dtype=bfloat16", "critic.params_dtype=bfloat16", nproc=1),
                           capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert f"{train}: loaded 80 of 81 rows (1 malformed rows skipped)" in proc.stdout
+    assert f"{held}: loaded 20 of 20 rows" in proc.stdout and "eval/held/avg@1" in _scalars(tmp_path / "tensorboard")
     stopped = re.search(r"value pretraining stops after (\d+) of 6 steps", proc.stdout)
     assert stopped and int(stopped.group(1)) in (1, 2), proc.stdout[-2000:]
     tb = _scalars(tmp_path / "tensorboard")

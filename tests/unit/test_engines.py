@@ -4,17 +4,15 @@ clear errors for bad input."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
+from dist_utils import one_gloo_rank
 from model_fixtures import VOCAB, tiny_hf_model
 from vcppo_megatron.config.schema import OptimConfig
 from vcppo_megatron.engines import (PolicyEngine, ValueEngine, computed_tokens, split_micro_batches,
                                     vocab_parallel_logprobs)
-from vcppo_megatron.platform import setup_device
 
 TOL = 1e-5
 CHUNK = 5                       # smaller than the tokens of any micro-batch below
@@ -25,17 +23,8 @@ def role():
     """One gloo rank and its (TP=1, PP=1, DP=1) process groups."""
     from vcppo_megatron.parallel.groups import build_role_groups
 
-    setup_device()
-    own = not dist.is_initialized()
-    if own:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield build_role_groups(1, 1)
-    if own:
-        dist.destroy_process_group()
+    with one_gloo_rank():
+        yield build_role_groups(1, 1)
 
 
 def _batch(rows: int = 5, seq: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -2,13 +2,11 @@
 SDPA core attention equals Megatron's unfused attention; clear errors for unsupported configs."""
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
+from dist_utils import one_gloo_rank
 from model_fixtures import tiny_batch, tiny_hf_model
 from vcppo_megatron.checkpoint import (hf_to_megatron, load_into_model, megatron_to_hf, tp_merge,
                                        tp_shard)
@@ -21,25 +19,11 @@ MODELS = ("qwen2_tied", "qwen2_untied", "llama3")
 
 @pytest.fixture(scope="module")
 def megatron_tp1():
-    """One gloo rank with Megatron parallel state TP=1, PP=1; torn down after the module."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
+    """One gloo rank with Megatron parallel state TP=1, PP=1 (CPU compat layer on)."""
     assert setup_device() == torch.device("cpu")
     assert not torch.cuda.is_available()
-    own_group = not dist.is_initialized()
-    if own_group:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(1234)
-    yield
-    parallel_state.destroy_model_parallel()
-    if own_group:
-        dist.destroy_process_group()
+    with one_gloo_rank(megatron_state=True):
+        yield
 
 
 def _megatron_from_hf(hf, **kw):

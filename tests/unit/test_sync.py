@@ -5,19 +5,15 @@ bit-identically and starts vLLM, which a later bucketed sync updates."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import sys
 import weakref
 
 import pytest
 import torch
-import torch.distributed as dist
 
+from dist_utils import one_gloo_rank
 from model_fixtures import tiny_batch, tiny_hf_model
 from vcppo_megatron.checkpoint import hf_to_megatron, load_into_model
 from vcppo_megatron.models import build_gpt_model
-from vcppo_megatron.platform import setup_device
 from vcppo_megatron.rollout.sync import (SyncStats, export_hf_dir, hf_weight_buckets,
                                          iter_bucket_tensors)
 
@@ -28,28 +24,8 @@ BUCKET = 40_000   # bytes: several buckets (tiny models' largest tensor: 128 x 6
 @pytest.fixture(scope="module")
 def megatron_tp1():
     """One gloo rank with Megatron parallel state TP=1, PP=1; torn down after the module."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    setup_device()
-    own_group = not dist.is_initialized()
-    if own_group:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(1234)
-    yield
-    parallel_state.destroy_model_parallel()
-    if "vllm" in sys.modules:   # vLLM built its groups on this process group: drop them with it
-        from vllm.distributed.parallel_state import (destroy_distributed_environment,
-                                                     destroy_model_parallel)
-        destroy_model_parallel()
-        destroy_distributed_environment()
-    if own_group and dist.is_initialized():
-        dist.destroy_process_group()
+    with one_gloo_rank(megatron_state=True, drop_vllm_groups=True):
+        yield
 
 
 def megatron_from_hf(hf, pad_vocab: int = 0):

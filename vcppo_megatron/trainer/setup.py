@@ -118,35 +118,31 @@ class PromptSet:
     problems: list[str]
 
 
-def _encode(name: str, problems: list[str], answers: list[str], tokenizer: Any, template: str) -> PromptSet:
-    return PromptSet(name, [encode_prompt(p, tokenizer, template) for p in problems], answers, problems)
+def _synthetic_set(name: str, count: int, seed: int, tokenizer: Any) -> PromptSet:
+    """Synthetic problems, sent as bare text (the character tokenizer knows no template)."""
+    problems = make_problems(count, seed=seed)
+    return PromptSet(name, [encode_prompt(p.prompt, tokenizer, "none") for p in problems],
+                     [p.answer for p in problems], [p.prompt for p in problems])
+
+
+def _file_set(path: str, cfg: Config, tokenizer: Any) -> PromptSet:
+    """Problems of a jsonl / parquet file, formatted with `data.prompt_template`."""
+    d = cfg.data
+    rows, report = load_problems(path, problem_key=d.problem_key, answer_key=d.answer_key, on_bad_row=d.on_bad_row)
+    if dist.get_rank() == 0:
+        print(report.summary(), flush=True)
+    return PromptSet(Path(path).stem, [encode_prompt(r.problem, tokenizer, d.prompt_template) for r in rows],
+                     [r.answer for r in rows], [r.problem for r in rows])
 
 
 def load_prompt_sets(cfg: Config, tokenizer: Any) -> tuple[PromptSet, PromptSet]:
     """(training prompts, held-out prompts): from data files, or the synthetic task (seeded)."""
     d, seed = cfg.data, cfg.trainer.seed
-    if d.train_path is None:
-        train = make_problems(d.synthetic_problems, seed=seed * 7 + 3)
-        train_set = _encode("synthetic", [p.prompt for p in train], [p.answer for p in train], tokenizer, "none")
-    else:
-        rows, report = load_problems(d.train_path, problem_key=d.problem_key, answer_key=d.answer_key,
-                                     on_bad_row=d.on_bad_row)
-        if dist.get_rank() == 0:
-            print(report.summary(), flush=True)
-        train_set = _encode(Path(d.train_path).stem, [r.problem for r in rows], [r.answer for r in rows],
-                            tokenizer, d.prompt_template)
-    if d.eval_path is None:
-        held = make_problems(cfg.trainer.eval_problems, seed=seed + 1)
-        eval_set = _encode("synthetic_eval", [p.prompt for p in held], [p.answer for p in held], tokenizer,
-                           "none")
-    else:
-        rows, report = load_problems(d.eval_path, problem_key=d.problem_key, answer_key=d.answer_key,
-                                     on_bad_row=d.on_bad_row)
-        if dist.get_rank() == 0:
-            print(report.summary(), flush=True)
-        eval_set = _encode(Path(d.eval_path).stem, [r.problem for r in rows], [r.answer for r in rows],
-                           tokenizer, d.prompt_template)
-    return train_set, eval_set
+    train = (_synthetic_set("synthetic", d.synthetic_problems, seed * 7 + 3, tokenizer) if d.train_path is None
+             else _file_set(d.train_path, cfg, tokenizer))
+    held = (_synthetic_set("synthetic_eval", cfg.trainer.eval_problems, seed + 1, tokenizer) if d.eval_path is None
+            else _file_set(d.eval_path, cfg, tokenizer))
+    return train, held
 
 
 def sft_examples(cfg: Config, step: int, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
