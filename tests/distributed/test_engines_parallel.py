@@ -5,6 +5,8 @@ gradients at TP=2 and PP=2 equal HF's; one optimizer step per layout with the re
 All checks share this one spawn."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dist_utils import run_gloo
@@ -111,6 +113,17 @@ def _worker(rank: int, world_size: int) -> None:
     setup_device()
     batch = _batch()
     hf, lm_config, rm_state, actor_ref, values_ref, critic_ref, counts = _references(batch)
+    # the same weights as HF directories, for the per-parameter loader (load_hf_dir)
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    dirs = tempfile.TemporaryDirectory(prefix=f"engines_rank{rank}_")
+    lm_dir, rm_dir = f"{dirs.name}/lm", f"{dirs.name}/rm"
+    for path, state in ((lm_dir, hf.state_dict()), (rm_dir, rm_state)):   # (save_pretrained writes on rank 0 only)
+        os.makedirs(path)
+        save_file({k: v.detach().contiguous() for k, v in state.items() if k != "lm_head.weight"},
+                  f"{path}/model.safetensors")
     ref_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in actor_ref.values())))
     kw = dict(optim=OptimConfig(lr=1e-4, grad_clip=1.0), attention_backend="sdpa",
               max_tokens_per_micro_batch=BUDGET)
@@ -124,7 +137,7 @@ def _worker(rank: int, world_size: int) -> None:
         else:
             mine = batch
         policy = PolicyEngine(hf.config, pgs, layout, logprob_chunk_size=4, **kw)
-        policy.load_hf_state(hf.state_dict())
+        policy.load_hf_dir(lm_dir)                          # per parameter, from safetensors
         # default path (grads reduce-scattered over DP): the optimizer's grad norm is the reference's
         policy.zero_grad()
         with policy.train_mode():
@@ -143,7 +156,7 @@ def _worker(rank: int, world_size: int) -> None:
                f"grad_norm {stats['grad_norm']:.6f} (HF {ref_norm:.6f})"
         if layout.dp == 1:                                  # critic at TP=2 and PP=2
             critic = ValueEngine(lm_config, pgs, layout, **kw)
-            critic.load_hf_state(rm_state, init_from="reward_model")
+            critic.load_hf_dir(rm_dir, init_from="reward_model")
             critic.zero_grad()
             with critic.train_mode():
                 out = critic.forward_backward(batch, _critic_loss(counts), full_grads=True)

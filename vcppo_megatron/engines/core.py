@@ -27,6 +27,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from vcppo_megatron.checkpoint import hf_to_megatron, load_into_model, pp_stage, tp_shard
+from vcppo_megatron.checkpoint.hf_weights import hf_sources, hf_to_megatron_param
 from vcppo_megatron.config.schema import OptimConfig
 from vcppo_megatron.engines.batching import MicroBatch, split_micro_batches
 from vcppo_megatron.models import build_gpt_model
@@ -106,6 +107,36 @@ class EngineCore:
                               num_query_groups=groups) for k, v in stage.items()}
         with torch.no_grad():
             load_into_model(self.raw_model, shards)
+        self._reload_main_params()
+
+    def load_hf_params(self, read: Callable[[str], Tensor], *, tie_word_embeddings: bool,
+                       extra: Optional[dict[str, Tensor]] = None) -> None:
+        """Load this rank's shards one parameter at a time: the HF tensors a parameter is built from
+        come from `read(name)` (e.g. straight from safetensors), are converted, TP-sliced and copied
+        in, so only one full parameter is held at a time. `extra` gives full Megatron tensors of
+        parameters with no HF source (the value head)."""
+        layers = list(stage_layers(hf_get(self.hf_config, "num_hidden_layers"), self.layout))
+        groups = hf_get(self.hf_config, "num_key_value_heads") or hf_get(self.hf_config, "num_attention_heads")
+        extra = extra or {}
+        with torch.no_grad():
+            for name, target in self.raw_model.state_dict().items():
+                if name.endswith("_extra_state"):
+                    continue
+                if name in extra:
+                    full = extra[name]
+                else:
+                    parts = name.split(".")
+                    if name.startswith("decoder.layers."):           # local layer index -> global
+                        parts[2] = str(layers[int(parts[2])])
+                    global_name = ".".join(parts)
+                    sources = [read(n) for n in hf_sources(global_name, tie_word_embeddings=tie_word_embeddings)]
+                    full = hf_to_megatron_param(global_name, sources, num_query_groups=groups)
+                shard = tp_shard(name, full, tp_rank=self.layout.tp_rank, tp_size=self.layout.tp,
+                                 num_query_groups=groups)
+                if shard.shape != target.shape:
+                    raise ValueError(f"parameter {name}: HF weights give shape {tuple(shard.shape)} on this "
+                                     f"rank, the model expects {tuple(target.shape)}")
+                target.copy_(shard)
         self._reload_main_params()
 
     def _reload_main_params(self) -> None:

@@ -1,6 +1,7 @@
 """PolicyEngine: per-token log-probs and entropy (vocab-parallel, chunked) for the actor loss."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
@@ -8,6 +9,7 @@ from torch import Tensor
 
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from vcppo_megatron.checkpoint.convert import SafetensorsIndex
 from vcppo_megatron.config.schema import OptimConfig
 from vcppo_megatron.engines.core import Engine, EngineCore
 from vcppo_megatron.engines.logprobs import vocab_parallel_logprobs
@@ -58,6 +60,12 @@ class PolicyEngine(Engine):
         """Load an HF causal LM state dict (this rank's TP shard of its PP stage)."""
         self.core.load_megatron_state(self.core.hf_full_state(dict(hf_state), tie_word_embeddings=self.tie),
                                       tie_word_embeddings=self.tie)
+
+    def load_hf_dir(self, model_dir: str | Path) -> None:
+        """Load an HF causal LM directory (safetensors) one parameter at a time (see
+        EngineCore.load_hf_params): each rank reads only the tensors of its stage."""
+        index = SafetensorsIndex(Path(model_dir))
+        self.core.load_hf_params(index.get, tie_word_embeddings=self.tie)
 
     def _lm_weight(self) -> Tensor:
         """This TP rank's vocab shard of the output projection (the embedding when tied)."""

@@ -1,6 +1,7 @@
 """ValueEngine: per-token values from the trunk + replicated scalar value head (models/gpt.py)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -8,6 +9,7 @@ from torch import Tensor
 
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from vcppo_megatron.checkpoint.convert import SafetensorsIndex
 from vcppo_megatron.config.schema import OptimConfig
 from vcppo_megatron.engines.core import Engine, EngineCore
 from vcppo_megatron.models.registry import SUPPORTED_ARCHITECTURES, hf_get
@@ -44,22 +46,34 @@ class ValueEngine(Engine):
         """Load the trunk from an HF causal LM (`init_from="policy"`: lm_head dropped, head zero) or
         from a 1-label reward model (`"reward_model"`: `score.weight` becomes the head, bias 0)."""
         state = dict(hf_state)
+        head = self._head_tensors(state.pop("score.weight", None), init_from)
+        state.pop("lm_head.weight", None)
+        full = self.core.hf_full_state(state, tie_word_embeddings=False)
+        full.update({k: v.to(next(iter(full.values())).dtype) for k, v in head.items()})
+        self.core.load_megatron_state(full, tie_word_embeddings=False)
+
+    def load_hf_dir(self, model_dir: str | Path, *, init_from: str) -> None:
+        """`load_hf_state` from an HF directory (safetensors), one parameter at a time: each rank
+        reads only the tensors of its stage."""
+        index = SafetensorsIndex(Path(model_dir))
+        score = index.get("score.weight") if "score.weight" in index.files else None
+        self.core.load_hf_params(index.get, tie_word_embeddings=False,
+                                 extra=self._head_tensors(score, init_from))
+
+    def _head_tensors(self, score: Tensor | None, init_from: str) -> dict[str, Tensor]:
+        """The value head's full weight and bias: from a reward model's score, or zero."""
         if init_from == "reward_model":
-            if "score.weight" not in state:
-                raise KeyError(f"reward model state has no 'score.weight'; got {sorted(state)[:5]}...")
-            score = state.pop("score.weight")
+            if score is None:
+                raise KeyError("reward model state has no 'score.weight': expected a 1-label "
+                               "sequence-classification checkpoint")
             if score.shape[0] != 1:
                 raise ValueError(f"reward model score.weight shape {tuple(score.shape)}: expected num_labels=1")
-            head_w = score.clone()
+            weight = score.clone()
         elif init_from == "policy":
-            state.pop("lm_head.weight", None)
-            head_w = torch.zeros(1, hf_get(self.hf_config, "hidden_size"))
+            weight = torch.zeros(1, hf_get(self.hf_config, "hidden_size"))
         else:
             raise ValueError(f"init_from={init_from!r}, expected 'policy' or 'reward_model'")
-        full = self.core.hf_full_state(state, tie_word_embeddings=False)
-        full["output_layer.weight"] = head_w.to(next(iter(full.values())).dtype)
-        full["output_layer.bias"] = torch.zeros(1, dtype=head_w.dtype)
-        self.core.load_megatron_state(full, tie_word_embeddings=False)
+        return {"output_layer.weight": weight, "output_layer.bias": torch.zeros(1, dtype=weight.dtype)}
 
     @staticmethod
     def _head(values: Tensor, mb: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -161,8 +161,7 @@ class Trainer:
     def _init_critic_from_policy(self) -> None:
         """VC-PPO: the critic starts from the (SFT) policy's trunk, value head zero."""
         if self.cfg.critic.model_path is not None:
-            path = Path(self.cfg.critic.model_path)
-            self.critic.load_hf_state(setup.read_hf_state(path), init_from=self.cfg.critic.init_from)
+            self.critic.load_hf_dir(self.cfg.critic.model_path, init_from=self.cfg.critic.init_from)
             return
         state = {name: t.clone() for name, t in iter_bucket_tensors(self._actor_hf_buckets())}
         self.critic.load_hf_state(state, init_from="policy")
@@ -214,7 +213,7 @@ class Trainer:
     def _sft(self) -> None:
         cfg, steps = self.cfg, self.cfg.trainer.sft_steps
         sft = self._policy_engine(dataclasses.replace(cfg.actor.optim, lr=cfg.trainer.sft_lr), steps)
-        sft.load_hf_state(setup.read_hf_state(self.model_dir))
+        sft.load_hf_dir(self.model_dir)
         progress = ProgressLine("sft", steps)
         dp, dp_rank = self.layout.dp, self.layout.dp_rank
         for step in range(steps):
@@ -448,7 +447,7 @@ class Trainer:
         t0 = time.perf_counter()
         resumed = self._resume()
         if not resumed:
-            self.actor.load_hf_state(setup.read_hf_state(self.model_dir))
+            self.actor.load_hf_dir(self.model_dir)
         with CheckpointRequest() as request:
             if self.state["phase"] == "sft":
                 if tc.sft_steps:

@@ -95,19 +95,6 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
     return json.loads((model_dir / "config.json").read_text())
 
 
-def read_hf_state(model_dir: Path) -> dict[str, torch.Tensor]:
-    """All safetensors weights of an HF model directory (the whole model, on CPU)."""
-    from safetensors.torch import load_file
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors weight files")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
-
-
 @dataclass
 class PromptSet:
     """Encoded prompts and their answers."""
