@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from vcppo_megatron.checkpoint.dist import unwrap_model
 from vcppo_megatron.checkpoint.hf_weights import megatron_to_hf, tp_merge
 
 if TYPE_CHECKING:   # models.registry imports megatron.core; hf_get is imported where it is used
@@ -62,13 +63,6 @@ class SyncStats:
     max_transient_bytes: int = 0
     """Largest gather buffer + merged tensor alive at once while converting one parameter."""
     seconds: float = 0.0
-
-
-def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside Megatron's DDP / Float16Module wrappers."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 def _group_size(group: Optional[dist.ProcessGroup]) -> int:

@@ -334,7 +334,7 @@ class Trainer:
         if phase == "rl":
             acc.add_stats("actor/advantages", adv_r, resp_mask)
             positions.add("advantages", adv_r, resp_mask)
-        for role, res in results.items():
+        for res in results.values():
             acc.add_shares({k: torch.tensor(v, dtype=torch.float64) for k, v in res.shares.items()})
         # shares are per replica: the sums over replicas of reward/... are replica means summed
         m = acc.reduce(self.report_group)
