@@ -67,7 +67,7 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
-RUN = ("trainer.sft_steps=60", "trainer.value_pretrain_steps=30", "trainer.num_steps=60",
+RUN = ("trainer.value_pretrain_steps=30", "trainer.num_steps=60",
        "trainer.eval_samples=4", "trainer.eval_every_steps=30", "trainer.checkpoint_interval=30",
        "algo.nll_coef=0.1", "algo.dual_clip=3.0")
 
@@ -89,18 +89,16 @@ def test_two_rank_run_logs_documented_finite_metrics_that_improve(tmp_path):
                    "eval/synthetic_eval/avg@4", "eval/synthetic_eval/pass@4"):
         assert needed in tb, f"{needed} missing; got {sorted(tb)}"
     assert sorted(tb["eval/synthetic_eval/avg@4"]) == [30, 60]            # periodic + final eval
-    # the tiny critic barely predicts who gets a sum right (explained variance stays near 0 here;
-    # tests/distributed/test_trainer_critic.py shows > 0.9 on a learnable return): value
-    # pretraining must at least calibrate it (the zero-initialised head starts at 0.5 E[R^2])
+    # the synthetic sums have 1-4 operands and the prompt shows how many: value pretraining must
+    # learn each prompt's difficulty (the zero-initialised head starts at explained variance 0)
     ev = tb["value_pretrain/critic/explained_variance"]
     last = [ev[s] for s in sorted(ev)[-10:]]
-    assert _mean(last) > -0.1, f"explained variance at the end of value pretraining: {last}"
-    vloss, values = tb["value_pretrain/critic/value_loss"], tb["value_pretrain/critic/values/mean"]
-    returns = tb["value_pretrain/critic/returns/mean"]
+    assert _mean(last) > 0.1, f"explained variance at the end of value pretraining: {last}"
+    # and calibrate it: the squared error, bias included, falls well below the zero head's (R = ±1)
+    vloss = tb["value_pretrain/critic/value_loss"]
     steps = sorted(vloss)
-    bias_start = abs(values[steps[0]] - returns[steps[0]])
-    bias_end = _mean([abs(values[s] - returns[s]) for s in steps[-10:]])
-    assert bias_end < 0.5 * bias_start, f"value bias |mean V - mean R|: start {bias_start}, end {bias_end}"
+    assert vloss[steps[0]] == pytest.approx(0.5, abs=0.02)
+    assert _mean([vloss[s] for s in steps[-10:]]) < 0.85 * vloss[steps[0]], [vloss[s] for s in steps]
     acc = tb["eval/accuracy"]
     assert acc[60] > acc[0] + 0.03, f"held-out greedy accuracy before / after RL: {acc[0]} / {acc[60]}"
     reward = tb["rl/reward/mean"]

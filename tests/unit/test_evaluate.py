@@ -93,7 +93,7 @@ def test_evaluate_tool_end_to_end_on_tiny_model(tmp_path, capsys, form):
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    problems = make_problems(6, seed=3)
+    problems = make_problems(6, seed=3, max_operands=2)
     data = tmp_path / "arith.jsonl"
     data.write_text("".join(json.dumps({"problem": p.prompt, "answer": p.answer}) + "\n"
                             for p in problems))
@@ -148,9 +148,9 @@ class ScriptedEngine:
         index, prompts, responses, lps, reasons = [], [], [], [], []
         for i, ids in zip(fitted.indices, fitted.prompts):
             text = self.tokenizer.decode(ids)
-            a, b = int(text[0]), int(text[2])
+            total = sum(int(t) for t in text[:-1].split("+"))
             for s in range(n):
-                answer = a + b if s < self.right[text] else a + b + 1
+                answer = total if s < self.right[text] else total + 1
                 body = f"<think>{text[:-1]}</think>\\boxed{{{answer}}}"
                 tokens = self.tokenizer(body)["input_ids"] + [self.tokenizer.eos_token_id]
                 index.append(i)
@@ -168,7 +168,7 @@ def test_evaluate_problems_counts_with_the_real_verifier():
 
     tokenizer = build_tokenizer()
     problems = [MathProblem(p.prompt, p.answer, f"x:line {i + 1}")
-                for i, p in enumerate(make_problems(7, seed=5))]
+                for i, p in enumerate(make_problems(7, seed=5, max_operands=2))]
     problems.append(MathProblem("1+2+3=", "6", "x:line 8"))           # too long: skipped, unsolved
     right = {p.problem: i % 5 for i, p in enumerate(problems)}
     engine = ScriptedEngine(tokenizer, right, max_prompt_tokens=4)

@@ -215,6 +215,8 @@ class DataConfig:
     """jsonl / parquet of held-out problems for periodic evaluation; null uses held-out synthetic problems."""
     synthetic_problems: int = param(4096, ge=1)
     """Size of the training pool of the built-in synthetic task (when `train_path` is null)."""
+    synthetic_max_operands: int = param(4, ge=1, le=16)
+    """The synthetic task's problems are sums of 1 to this many single-digit numbers (more are harder; the prompt shows how many, so the critic can learn each problem's difficulty)."""
 
 
 @dataclass(frozen=True)

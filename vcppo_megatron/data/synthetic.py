@@ -1,8 +1,12 @@
 """The built-in synthetic arithmetic chain-of-thought task and its character-level tokenizer.
 
-Problems are `a+b=` with single digits; a correct response is `<think>a+b</think>\\boxed{c}`
-followed by the end-of-sequence token. The tokenizer is a real HF fast tokenizer built locally
-(no download), so every engine (transformers, vLLM) can load it from a model directory.
+Problems are sums of 1 to `max_operands` single-digit numbers (`a+b+c=`); a correct response is
+`<think>a+b+c</think>\\boxed{s}` followed by the end-of-sequence token. More operands are harder
+for a small model, and the prompt shows how many there are: the difficulty of each problem is
+visible, so a critic can learn a value that varies across prompts (VC-PPO's value pretraining)
+while the policy still has room to improve on the longer sums during RL. The tokenizer is a real
+HF fast tokenizer built locally (no download), so every engine (transformers, vLLM) can load it
+from a model directory.
 """
 from __future__ import annotations
 
@@ -28,13 +32,25 @@ class Problem:
         return f"<think>{self.prompt[:-1]}</think>\\boxed{{{self.answer}}}"
 
 
-def make_problems(count: int, seed: int) -> list[Problem]:
-    """`count` random single-digit addition problems, reproducible from `seed`."""
+def prompt_tokens(max_operands: int) -> int:
+    """Tokens of the longest prompt (`a+b+...=`)."""
+    return 2 * max_operands
+
+
+def response_tokens(max_operands: int) -> int:
+    """Tokens of the longest correct response, end-of-sequence token included."""
+    return 2 * max_operands + 6            # <think> digits and '+'s </think> \boxed{ 1-2 digits } <eos>
+
+
+def make_problems(count: int, seed: int, *, max_operands: int) -> list[Problem]:
+    """`count` random sums of 1 to `max_operands` single-digit numbers, reproducible from `seed`."""
+    if max_operands < 1:
+        raise ValueError(f"max_operands = {max_operands}: expected >= 1")
     rng = random.Random(seed)
     out = []
     for _ in range(count):
-        a, b = rng.randrange(10), rng.randrange(10)
-        out.append(Problem(f"{a}+{b}=", str(a + b)))
+        terms = [rng.randrange(10) for _ in range(rng.randint(1, max_operands))]
+        out.append(Problem("+".join(map(str, terms)) + "=", str(sum(terms))))
     return out
 
 

@@ -19,7 +19,7 @@ from vcppo_megatron.config import ConfigError
 from vcppo_megatron.config.schema import Config
 from vcppo_megatron.data.chat_template import encode_prompt
 from vcppo_megatron.data.prompts import load_problems
-from vcppo_megatron.data.synthetic import build_tokenizer, make_problems
+from vcppo_megatron.data.synthetic import build_tokenizer, make_problems, prompt_tokens, response_tokens
 
 INIT_MODEL_DIR = "init_model"
 
@@ -52,6 +52,22 @@ def check_layout(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"trainer.sft_steps = {cfg.trainer.sft_steps} with data.train_path set: the SFT cold "
                           f"start needs chain-of-thought solutions, which only the synthetic task has; "
                           f"expected trainer.sft_steps = 0 (start from an SFT checkpoint in actor.model_path)")
+    _check_synthetic_fits(cfg)
+
+
+def _check_synthetic_fits(cfg: Config) -> None:
+    """The synthetic task's longest prompt and solution must fit the rollout limits."""
+    if cfg.data.train_path is not None and cfg.data.eval_path is not None:
+        return
+    n, r = cfg.data.synthetic_max_operands, cfg.rollout
+    if prompt_tokens(n) > r.max_prompt_tokens:
+        raise ConfigError(f"rollout.max_prompt_tokens = {r.max_prompt_tokens}: the synthetic task's prompts "
+                          f"(data.synthetic_max_operands = {n}) take up to {prompt_tokens(n)} tokens; "
+                          f"expected at least that")
+    if response_tokens(n) > r.max_response_tokens:
+        raise ConfigError(f"rollout.max_response_tokens = {r.max_response_tokens}: correct responses of the "
+                          f"synthetic task (data.synthetic_max_operands = {n}) take up to "
+                          f"{response_tokens(n)} tokens; expected at least that")
 
 
 def _tiny_model(cfg: Config, out: Path) -> None:
@@ -105,9 +121,9 @@ class PromptSet:
     problems: list[str]
 
 
-def _synthetic_set(name: str, count: int, seed: int, tokenizer: Any) -> PromptSet:
+def _synthetic_set(name: str, count: int, seed: int, cfg: Config, tokenizer: Any) -> PromptSet:
     """Synthetic problems, sent as bare text (the character tokenizer knows no template)."""
-    problems = make_problems(count, seed=seed)
+    problems = make_problems(count, seed=seed, max_operands=cfg.data.synthetic_max_operands)
     return PromptSet(name, [encode_prompt(p.prompt, tokenizer, "none") for p in problems],
                      [p.answer for p in problems], [p.prompt for p in problems])
 
@@ -125,16 +141,17 @@ def _file_set(path: str, cfg: Config, tokenizer: Any) -> PromptSet:
 def load_prompt_sets(cfg: Config, tokenizer: Any) -> tuple[PromptSet, PromptSet]:
     """(training prompts, held-out prompts): from data files, or the synthetic task (seeded)."""
     d, seed = cfg.data, cfg.trainer.seed
-    train = (_synthetic_set("synthetic", d.synthetic_problems, seed * 7 + 3, tokenizer) if d.train_path is None
+    train = (_synthetic_set("synthetic", d.synthetic_problems, seed * 7 + 3, cfg, tokenizer) if d.train_path is None
              else _file_set(d.train_path, cfg, tokenizer))
-    held = (_synthetic_set("synthetic_eval", cfg.trainer.eval_problems, seed + 1, tokenizer) if d.eval_path is None
+    held = (_synthetic_set("synthetic_eval", cfg.trainer.eval_problems, seed + 1, cfg, tokenizer) if d.eval_path is None
             else _file_set(d.eval_path, cfg, tokenizer))
     return train, held
 
 
 def sft_examples(cfg: Config, step: int, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
     """The global SFT batch of `step`: (prompt ids, solution ids + end-of-sequence) pairs."""
-    problems = make_problems(cfg.batch.global_sft_batch_size, seed=cfg.trainer.seed * 7919 + step)
+    problems = make_problems(cfg.batch.global_sft_batch_size, seed=cfg.trainer.seed * 7919 + step,
+                             max_operands=cfg.data.synthetic_max_operands)
     return [(tokenizer(p.prompt, add_special_tokens=False)["input_ids"],
              tokenizer(p.solution(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
             for p in problems]
