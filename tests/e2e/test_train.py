@@ -166,7 +166,8 @@ def test_value_pretraining_stops_when_explained_variance_plateaus(tmp_path):
     """One rank, bf16 weights, prompts from jsonl files (one malformed row, skipped and reported);
     an improvement threshold no step can pass ends value pretraining after the first step that sets
     the best explained variance (or the first, if it is undefined), then RL runs and checkpoints
-    with the bf16 optimizer state."""
+    with the bf16 optimizer state. The engines free their gradient buffers while vLLM generates
+    (trainer.offload_during_rollout; vLLM's sleep level is a no-op on CPU)."""
     rows = [json.dumps({"problem": f"{a}+{b}=", "answer": str(a + b)}) for a in range(10) for b in range(10)]
     train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
     train.write_text("\n".join(rows[:80] + ['{"problem": "1+1="}']) + "\n")
@@ -176,7 +177,8 @@ def test_value_pretraining_stops_when_explained_variance_plateaus(tmp_path):
     proc = subprocess.run(_command(tmp_path, *data, "trainer.value_pretrain_steps=6",
                                    "trainer.value_pretrain_patience=1", "trainer.value_pretrain_min_delta=10",
                                    "trainer.num_steps=1", "trainer.eval_samples=1", "trainer.eval_problems=8",
-                                   "actor.params_dtype=bfloat16", "critic.params_dtype=bfloat16", nproc=1),
+                                   "actor.params_dtype=bfloat16", "critic.params_dtype=bfloat16",
+                                   "trainer.offload_during_rollout=true", "rollout.sleep_level=2", nproc=1),
                           capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert f"{train}: loaded 80 of 81 rows (1 malformed rows skipped)" in proc.stdout

@@ -217,6 +217,42 @@ def test_bad_input_raises_clear_errors(role):
         critic.load_hf_state(hf.state_dict(), init_from="sft")
 
 
+def _train_steps(eng, offload_between: bool, steps: int = 3) -> None:
+    for i in range(steps):
+        batch = _batch(seed=10 + i)
+        if offload_between:
+            eng.offload()
+            lp = eng.forward_backward(batch, None, forward_only=True)["outputs"]["log_probs"]   # still works
+            assert torch.isfinite(lp).all()
+            eng.onload()
+        eng.zero_grad()
+        with eng.train_mode():
+            eng.forward_backward(batch, lambda o, mb: (_loss(o["log_probs"], o["entropy"], mb), {}))
+        assert eng.step()["stepped"]
+
+
+def test_offload_frees_gradient_buffers_and_training_continues_exactly(role):
+    """Colocation: offload() between steps (as while vLLM generates) changes nothing in training."""
+    hf = tiny_hf_model("qwen2_tied")
+    plain, offloaded = _policy(role, hf), _policy(role, hf)
+    _train_steps(plain, offload_between=False)
+    _train_steps(offloaded, offload_between=True)
+    for (name, a), (_, b) in zip(plain.core.raw_model.named_parameters(), offloaded.core.raw_model.named_parameters()):
+        assert torch.equal(a, b), name
+    buffers = offloaded.core.model.buffers
+    sizes = [b.grad_data.untyped_storage().size() for b in buffers]
+    offloaded.offload()
+    offloaded.offload()                                             # idempotent
+    assert all(b.grad_data.untyped_storage().size() == 0 for b in buffers) and min(sizes) > 0
+    with pytest.raises(RuntimeError, match="onload"):
+        offloaded.forward_backward(_batch(), lambda o, mb: (_loss(o["log_probs"], o["entropy"], mb), {}))
+    with pytest.raises(RuntimeError, match="onload"):
+        offloaded.step()
+    offloaded.onload()
+    assert [b.grad_data.untyped_storage().size() for b in buffers] == sizes
+    assert all(float(b.grad_data.abs().sum()) == 0.0 for b in buffers)
+
+
 def _run_bench(*args: str) -> dict:
     """Run tools/bench_train.py and return its JSON result line."""
     import json

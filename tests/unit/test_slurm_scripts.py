@@ -244,10 +244,10 @@ def test_simulated_job_runs_the_trainer_checkpoints_on_usr1_and_resumes_when_req
                     key=lambda p: int(p.name.split(".")[3]))       # events.out.tfevents.<unix time>.<host>...
     assert len(events) == 2, events
     first, second = (_scalar_steps(e) for e in events)
-    assert first["value_pretrain/critic/explained_variance"] == [0], first
+    assert first["value_pretrain/critic/value_loss"] == [0], first
     assert first["rl/reward/mean"] == [0] and first["eval/accuracy"] == [0], first
     assert second["rl/reward/mean"] == [1] and second["eval/accuracy"] == [2], second
-    assert "value_pretrain/critic/explained_variance" not in second and "sft/loss" not in second, second
+    assert "value_pretrain/critic/value_loss" not in second and "sft/loss" not in second, second
 
 
 def _logs(run_dir: Path) -> str:

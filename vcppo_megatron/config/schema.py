@@ -179,6 +179,8 @@ class RolloutConfig:
     """Fraction of GPU memory vLLM may use (weights + KV cache) when `kv_cache_bytes` is null."""
     sync_bucket_bytes: int = param(256 << 20, ge=1)
     """Bytes per bucket when the actor's weights are gathered into the rollout engine after an update."""
+    sleep_level: int = param(0, ge=0, le=2)
+    """Colocation, GPU only (vLLM's sleep mode; ignored on CPU): after sampling the engine sleeps while the actor and critic train. 1 moves its weights to host memory and frees the KV cache; 2 frees both (the weight sync refills them); 0 keeps it resident."""
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,8 @@ class TrainerConfig:
     """Stop value pretraining early once the explained variance has not improved by `value_pretrain_min_delta` for this many steps (VC-PPO §3.2: train until the value loss and EV plateau); 0 runs all `value_pretrain_steps`."""
     value_pretrain_min_delta: float = param(0.01, ge=0)
     """Smallest gain in explained variance that counts as an improvement for `value_pretrain_patience`."""
+    offload_during_rollout: bool = False
+    """Colocation: free the actor's and critic's gradient buffers while vLLM generates; on GPU their optimizer state (Adam moments, fp32 master weights of bf16 models) also moves to host memory."""
     num_steps: int = param(100, ge=0)
     """RL steps to run (phase 2)."""
     eval_problems: int = param(64, ge=1)

@@ -95,6 +95,7 @@ class EngineCore:
             wd_incr_style="constant")
         self._schedule = get_forward_backward_func(pp_size=layout.pp, vp_size=None)
         self._p2p = P2PCommunicator(pp_group=pgs.pp, config=self.config) if layout.pp > 1 else None
+        self.offloaded = False
 
     # ---- weights ----------------------------------------------------------------------------
     def load_megatron_state(self, full_state: dict[str, Tensor], *, tie_word_embeddings: bool) -> None:
@@ -186,12 +187,41 @@ class EngineCore:
 
     def step(self) -> dict[str, float]:
         """Optimizer step (grad clip inside) and LR schedule step: grad_norm, lr, stepped."""
+        if self.offloaded:
+            raise RuntimeError("step: the gradient buffers and optimizer state are offloaded; call onload() first")
         stepped, grad_norm, _ = self.optimizer.step()
         if stepped:
             self.scheduler.step(increment=1)
         lr = self.optimizer.param_groups[0]["lr"]
         return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "lr": float(lr), "stepped": bool(stepped)}
+
+    # ---- colocation memory ------------------------------------------------------------------
+    def offload(self) -> None:
+        """Release training memory while the colocated rollout engine generates.
+
+        The DDP gradient buffers are freed (their storage resized to 0; every view stays valid and
+        is zeroed on `onload`). On CUDA the optimizer's state and fp32 master weights move to host
+        memory as well (megatron-core's `offload_to_cpu`); with fp32 training weights the
+        distributed optimizer's master weights are views of the model's, so they stay put.
+        """
+        if self.offloaded:
+            return
+        cuda = torch.cuda.is_available()
+        self.model.offload_grad_buffers(synchronize=cuda, empty_cache=cuda)
+        if cuda and self.config.params_dtype != torch.float32:
+            self.optimizer.offload_to_cpu()
+        self.offloaded = True
+
+    def onload(self) -> None:
+        """Undo `offload` before the next forward / backward pass (gradients come back as zeros)."""
+        if not self.offloaded:
+            return
+        cuda = torch.cuda.is_available()
+        if cuda and self.config.params_dtype != torch.float32:
+            self.optimizer.restore_from_cpu()
+        self.model.restore_grad_buffers(synchronize=cuda)
+        self.offloaded = False
 
     # ---- schedule ---------------------------------------------------------------------------
     def run(self, batch: dict[str, Tensor], head_fn: HeadFn, loss_fn: Optional[LossFn],
@@ -208,6 +238,8 @@ class EngineCore:
         """
         if loss_fn is None and not forward_only:
             raise ValueError("forward_backward: loss_fn=None is only allowed with forward_only=True")
+        if self.offloaded and not forward_only:
+            raise RuntimeError("forward_backward: the gradient buffers are offloaded; call onload() first")
         micro = split_micro_batches(batch, self.max_tokens_per_micro_batch)
         n, s = batch["input_ids"].shape
         collected: list[tuple[MicroBatch, dict[str, Tensor]]] = []
@@ -289,3 +321,11 @@ class Engine(abc.ABC):
     def eval_mode(self) -> contextlib.AbstractContextManager:
         """Eval-mode, no-grad context."""
         return self.core.eval_mode()
+
+    def offload(self) -> None:
+        """Free gradient buffers (and on CUDA move optimizer state to host) during generation."""
+        self.core.offload()
+
+    def onload(self) -> None:
+        """Bring back what `offload` released."""
+        self.core.onload()

@@ -53,6 +53,7 @@ from vcppo_megatron.rollout.sync import (
     sync_to_rollout,
 )
 from vcppo_megatron.trainer import setup
+from vcppo_megatron.trainer.colocation import Colocation
 from vcppo_megatron.trainer.evaluation import sampling
 from vcppo_megatron.trainer.experience import (
     build_experience,
@@ -134,6 +135,7 @@ class Trainer:
                                   params_dtype=getattr(torch, cfg.critic.params_dtype))
         self.writer = MetricWriter(self.out / "tensorboard", enabled=self.rank == self.log_rank)
         self.rollout: RolloutEngine | None = None
+        self.colocation: Colocation | None = None
         self.state: dict[str, Any] = {"phase": "sft", "phase_step": 0, "actor_step": None,
                                       "ev_best": None, "ev_since": 0}
         self.summary: dict[str, Any] = {}
@@ -154,9 +156,9 @@ class Trainer:
                                  tp_group=self.actor_pgs.tp, pp_group=self.actor_pgs.pp)
 
     def _sync_rollout(self) -> float:
-        """Push the actor's weights into this rank's vLLM engine; seconds taken."""
-        assert self.rollout is not None
-        return sync_to_rollout(self.rollout, self._actor_hf_buckets())
+        """Push the actor's weights into this rank's vLLM engine (waking it first); seconds taken."""
+        assert self.rollout is not None and self.colocation is not None
+        return self.colocation.sync(lambda: sync_to_rollout(self.rollout, self._actor_hf_buckets()))
 
     def _init_critic_from_policy(self) -> None:
         """VC-PPO: the critic starts from the (SFT) policy's trunk, value head zero."""
@@ -264,10 +266,12 @@ class Trainer:
         share = len(indices) // self.replicas
         mine = indices[self.replica * share:(self.replica + 1) * share]
         seed = self._step_seed(phase, step) + self.replica * 7_919
-        samples = sample_and_score(self.rollout, [self.train_set.prompt_ids[i] for i in mine],
-                                   [self.train_set.answers[i] for i in mine], self.tokenizer,
-                                   samples_per_prompt=cfg.batch.samples_per_prompt, seed=seed,
-                                   reward_cfg=cfg.reward)
+        with self.colocation.generating():
+            samples = sample_and_score(self.rollout, [self.train_set.prompt_ids[i] for i in mine],
+                                       [self.train_set.answers[i] for i in mine], self.tokenizer,
+                                       samples_per_prompt=cfg.batch.samples_per_prompt, seed=seed,
+                                       reward_cfg=cfg.reward)
+        self.colocation.after_rollout(weights_change=train_actor)
         times["rollout"] = time.perf_counter() - t
         samples = gather_samples(samples, self.actor_pgs.mp, self.rank % self.rollout_tp == 0)
         exp = build_experience(samples, self.tokenizer.pad_token_id)
@@ -309,6 +313,8 @@ class Trainer:
         times["critic_update"] = time.perf_counter() - t
         if train_actor:
             times["weight_sync"] = self._sync_rollout()
+        else:
+            self.colocation.wake()
         times["step"] = time.perf_counter() - t_step
         return self._step_metrics(phase, step, exp, values_r, ret_r, adv_r, resp_mask, results, times)
 
@@ -364,8 +370,9 @@ class Trainer:
         """Greedy accuracy on the held-out set (each rollout replica scores its share)."""
         ids, answers = self.eval_set.prompt_ids, self.eval_set.answers
         mine = list(range(self.replica, len(ids), self.replicas))
-        s = sample_and_score(self.rollout, [ids[i] for i in mine], [answers[i] for i in mine], self.tokenizer,
-                             samples_per_prompt=1, seed=0, reward_cfg=self.cfg.reward, greedy=True)
+        with self.colocation.generating():
+            s = sample_and_score(self.rollout, [ids[i] for i in mine], [answers[i] for i in mine], self.tokenizer,
+                                 samples_per_prompt=1, seed=0, reward_cfg=self.cfg.reward, greedy=True)
         correct = self._gather_counts([int(r > 0) for r in s.rewards])
         return sum(correct) / max(len(correct), 1)
 
@@ -375,7 +382,7 @@ class Trainer:
         ids, answers = self.eval_set.prompt_ids, self.eval_set.answers
         mine = list(range(self.replica, len(ids), self.replicas))
         t = time.perf_counter()
-        with sampling(self.rollout, tc.eval_temperature, tc.eval_top_p):
+        with sampling(self.rollout, tc.eval_temperature, tc.eval_top_p), self.colocation.generating():
             s = sample_and_score(self.rollout, [ids[i] for i in mine], [answers[i] for i in mine],
                                  self.tokenizer, samples_per_prompt=n, seed=self._step_seed("rl", step) + 17,
                                  reward_cfg=self.cfg.reward)
@@ -459,7 +466,10 @@ class Trainer:
                     self.state["phase"] = "rl"
                 self._save(0, actor=True)
             self.rollout = RolloutEngine(self.model_dir, cfg.rollout, seed=tc.seed,
-                                         pad_token_id=self.tokenizer.pad_token_id)
+                                         pad_token_id=self.tokenizer.pad_token_id,
+                                         enable_sleep_mode=cfg.rollout.sleep_level > 0)
+            self.colocation = Colocation(self.rollout, [self.actor, self.critic], sleep_level=cfg.rollout.sleep_level,
+                                         offload=tc.offload_during_rollout)
             self._sync_rollout()
             if self.state["phase"] == "value_pretrain":
                 if tc.value_pretrain_steps and not self._phase_loop("value_pretrain", tc.value_pretrain_steps,
