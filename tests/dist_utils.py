@@ -33,7 +33,14 @@ def run_gloo(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> None:
 
     `fn` must be a module-level function (it is pickled by reference into spawned processes).
     """
-    mp.spawn(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+    for attempt in range(3):
+        try:
+            mp.spawn(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+            return
+        except mp.ProcessRaisedException as e:
+            # the free port was taken by another process before rank 0 bound it: pick another
+            if "EADDRINUSE" not in str(e) or attempt == 2:
+                raise
 
 
 @contextlib.contextmanager

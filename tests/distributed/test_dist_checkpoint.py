@@ -181,6 +181,8 @@ def _check_bad_loads(rank: int, hf_config, ckpt_root: Path, mg_dir: str) -> None
     try:
         for path, kwargs, words in (
                 (ckpt_root, {"load_rng": True}, "RNG states saved at layout"),
+                # saved dp_reshardable at TP=1: checked before the optimizer is touched
+                (ckpt_root, {"load_rng": False, "optimizer": object()}, "optimizer_format='fully_reshardable'"),
                 (mg_dir, {"load_rng": True}, "has no rng state"),
                 (ckpt_root / "nope", {}, "does not exist")):
             try:

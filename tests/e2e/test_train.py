@@ -112,17 +112,14 @@ RESUME = ("trainer.sft_steps=20", "trainer.value_pretrain_steps=3", "trainer.num
 FIRST_RL_CHECKPOINT = "step_00000005"          # 3 value-pretraining steps + 2 RL steps
 
 
-def test_killed_run_resumes_with_identical_metrics(tmp_path):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    proc = _run(full, *RESUME)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    # the same run, killed hard (SIGKILL, no chance to save) as soon as its first RL checkpoint exists
-    victim = subprocess.Popen(_command(cut, *RESUME), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+def _kill_at_checkpoint(out: Path, overrides: tuple, name: str) -> None:
+    """Start a run and SIGKILL it (no chance to save) as soon as checkpoint `name` is complete."""
+    victim = subprocess.Popen(_command(out, *overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env=_env(), cwd=ROOT)
-    latest = cut / "checkpoints" / "critic" / "latest"
+    latest = out / "checkpoints" / "critic" / "latest"
     deadline = time.monotonic() + 600
     while victim.poll() is None and time.monotonic() < deadline:
-        if latest.is_file() and latest.read_text().strip() == FIRST_RL_CHECKPOINT:
+        if latest.is_file() and latest.read_text().strip() == name:
             break
         time.sleep(0.02)
     # torchrun's workers live in their own process groups: kill the whole tree at once
@@ -133,6 +130,14 @@ def test_killed_run_resumes_with_identical_metrics(tmp_path):
     victim.wait()
     psutil.wait_procs([p for p in map(_process, tree) if p is not None], timeout=30)
     assert victim.returncode == -signal.SIGKILL, f"the run ended on its own ({victim.returncode}) before the kill"
+
+
+def test_killed_run_resumes_with_identical_metrics(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    proc = _run(full, *RESUME)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    # the same run, killed hard (SIGKILL, no chance to save) as soon as its first RL checkpoint exists
+    _kill_at_checkpoint(cut, RESUME, FIRST_RL_CHECKPOINT)
     first_events = set((cut / "tensorboard").glob("events.out.tfevents.*"))
     resumed = _run(cut, *RESUME)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
@@ -152,6 +157,30 @@ def test_killed_run_resumes_with_identical_metrics(tmp_path):
             assert value == pytest.approx(reference[tag][step], rel=1e-5, abs=1e-6), (tag, step)
             compared += 1
     assert compared > 50, compared
+
+
+def test_killed_run_resumes_at_another_layout_with_resharded_optimizer_state(tmp_path):
+    """Checkpoints with `fully_reshardable` optimizer state, written at DP=2, resume at PP=2: both
+    optimizers load (a `dp_reshardable` state would be refused), the per-rank RNG states are
+    skipped with a notice, and the run finishes with finite metrics."""
+    fmt = ("trainer.checkpoint_optimizer_format=fully_reshardable",)
+    _kill_at_checkpoint(tmp_path, RESUME + fmt, FIRST_RL_CHECKPOINT)
+    meta = json.loads((tmp_path / "checkpoints" / "actor" / FIRST_RL_CHECKPOINT / "vcppo_checkpoint.json").read_text())
+    assert meta["layout"]["dp"] == 2 and meta["contents"]["optimizer_sharding"] == {
+        "distrib_optim_sharding_type": "fully_reshardable"}
+    pp2 = ("actor.parallel.pipeline_parallel_size=2", "critic.parallel.pipeline_parallel_size=2")
+    resumed = _run(tmp_path, *RESUME, *fmt, *pp2)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    assert "actor/critic TP=1 PP=2 DP=1" in resumed.stdout
+    assert "its RNG states are not restored" in resumed.stdout
+    done = re.search(r"resumed from .*: phase rl, (\d+) steps done", resumed.stdout)
+    assert done and int(done.group(1)) in (2, 4, 6), resumed.stdout[-2000:]
+    assert "[rl 8/8]" in resumed.stdout and "after RL" in resumed.stdout
+    latest = max((tmp_path / "tensorboard").glob("events.out.tfevents.*"), key=os.path.getmtime)
+    after = _scalars(latest)
+    assert sorted(after["rl/reward/mean"]) == list(range(int(done.group(1)), 8))
+    for tag in ("rl/actor/grad_norm", "rl/critic/grad_norm", "rl/critic/value_loss"):
+        assert all(math.isfinite(v) for v in after[tag].values()), tag
 
 
 def test_bad_override_stops_before_starting(tmp_path):

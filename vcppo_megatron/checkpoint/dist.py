@@ -2,7 +2,8 @@
 
 One checkpoint is a directory `<root>/step_<step:08d>/` holding
 - the dist checkpoint of the model (GPTModel.sharded_state_dict) and, optionally, of the
-  DistributedOptimizer (`dp_reshardable` sharding): `metadata.json`, `common.pt`, `*.distcp`, `.metadata`;
+  DistributedOptimizer (`dp_reshardable` or `fully_reshardable` sharding): `metadata.json`,
+  `common.pt`, `*.distcp`, `.metadata`;
 - `vcppo_checkpoint.json`: format version, step, parallel layout (tp/pp/dp/world size), model config,
   what is inside, the LR schedule (OptimizerParamScheduler.state_dict());
 - `training_state.json`: the trainer's extra state (step, data position, ...);
@@ -12,14 +13,17 @@ temporary directory and renamed when complete, so a crash never leaves a half ch
 `latest`.
 
 Resharding: model weights load into any TP/PP/DP layout (Megatron reshards ShardedTensors).
-Optimizer state (`dp_reshardable`) loads only into the same TP and PP sizes; the DP size may differ
-by Megatron's design of that format (not exercised by this project's tests). A TP/PP change with
-optimizer state requested raises CheckpointError. RNG states are restored only into the identical
-layout (same world size, TP, PP); pass `load_rng=False` otherwise.
+Optimizer state saved `fully_reshardable` loads into any TP/PP/DP layout too (tested: TP=2 to
+PP=2 and DP=2, training continues as uninterrupted); saved `dp_reshardable` (the default: fully
+parallel, no communication) it loads only into the same TP and PP sizes, and a TP/PP change with
+that optimizer state requested raises CheckpointError. RNG states are restored only into the
+identical layout (same world size, TP, PP); pass `load_rng=False` otherwise.
 
-Note: Megatron-Core 0.16.1's MegatronModule.sharded_state_dict falls back to parallel_state's TP
-group for modules that carry no `tp_group` (transformer/module.py); `model_sharded_state_dict`
-gives those modules `pg_collection.tp`, so no global parallel state is needed.
+Notes on Megatron-Core 0.16.1 without global parallel state: MegatronModule.sharded_state_dict
+falls back to parallel_state's TP group for modules that carry no `tp_group`, and the last
+pipeline stage of a tied-embedding model reads parallel_state's DP rank; `model_sharded_state_dict`
+passes `pg_collection`'s groups instead. Its `fully_reshardable` load fails with torch's Adam
+(KeyError 'step'); `_load_fully_reshardable` works around that.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import types
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -42,7 +47,7 @@ FORMAT_VERSION = 1
 META_FILE = "vcppo_checkpoint.json"
 TRAINING_STATE_FILE = "training_state.json"
 LATEST_FILE = "latest"
-OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 
 
 class CheckpointError(RuntimeError):
@@ -75,7 +80,29 @@ def model_sharded_state_dict(model: torch.nn.Module, pg_collection: ProcessGroup
     for module in model.modules():
         if isinstance(module, MegatronModule) and not hasattr(module, "tp_group"):
             module.tp_group = pg_collection.tp
+    if getattr(model, "share_embeddings_and_output_weights", False) and model.post_process \
+            and not getattr(model, "mtp_process", False) \
+            and not model.pre_process:
+        model.tie_embeddings_and_output_weights_state_dict = types.MethodType(_tie_output_to_embedding, model)
     return model.sharded_state_dict(metadata={"dp_cp_group": pg_collection.dp_cp})
+
+
+def _tie_output_to_embedding(model: Any, sharded_state_dict: dict, output_layer_weight_key: str,
+                             first_stage_word_emb_key: str, metadata: Mapping[str, Any]) -> None:
+    """LanguageModule.tie_embeddings_and_output_weights_state_dict for the last of several stages
+    (tied embeddings), with the DP x CP rank from `metadata` instead of parallel_state.
+
+    Megatron-Core 0.16.1 reads `parallel_state.get_data_parallel_rank` there, which fails when the
+    groups are passed explicitly (no global parallel state). As there: the last stage's output
+    weight is saved as a replica (1, 0, dp_cp rank) of the first stage's word embeddings.
+    """
+    from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
+
+    del sharded_state_dict[output_layer_weight_key]
+    sharded_state_dict[output_layer_weight_key] = make_tp_sharded_tensor_for_checkpoint(
+        tensor=model.shared_embedding_or_output_weight(), key=first_stage_word_emb_key,
+        replica_id=(1, 0, metadata["dp_cp_group"].rank()), allow_shape_mismatch=True,
+        tp_group=model.tp_group, dp_cp_group=metadata["dp_cp_group"])
 
 
 def _rng_state() -> dict[str, Any]:
@@ -124,8 +151,17 @@ def save_checkpoint(
     scheduler: Any = None,
     training_state: Optional[Mapping[str, Any]] = None,
     model_config: Optional[Mapping[str, Any]] = None,
+    optimizer_format: str = "dp_reshardable",
 ) -> Path:
-    """Save model (+ optimizer, LR schedule, RNG, training state) as `<root>/step_<step>`; collective."""
+    """Save model (+ optimizer, LR schedule, RNG, training state) as `<root>/step_<step>`; collective.
+
+    optimizer_format: `dp_reshardable` (each rank writes its own shard, no communication; loads
+    at the same TP / PP only) or `fully_reshardable` (loads at any TP / PP / DP; the save gathers
+    each model shard's optimizer state over its DP group, 12 bytes per parameter of the shard).
+    """
+    if optimizer_format not in OPTIMIZER_FORMATS:
+        raise ValueError(f"optimizer_format = {optimizer_format!r}: expected one of {OPTIMIZER_FORMATS}")
+    sharding = {"distrib_optim_sharding_type": optimizer_format}
     root = Path(root)
     rank = dist.get_rank()
     final, tmp = root / step_dir_name(step), root / f".tmp.{step_dir_name(step)}"
@@ -137,7 +173,7 @@ def save_checkpoint(
     model_sd = model_sharded_state_dict(model, pg_collection)
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=dict(OPTIMIZER_SHARDING))
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=dict(sharding))
     dist_checkpointing.save(state, str(tmp), sharded_strategy=("torch_dist", 1))
     (tmp / "rng").mkdir(exist_ok=True)        # after the save: dist_checkpointing wants an empty dir
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
@@ -146,7 +182,7 @@ def save_checkpoint(
         meta = {"format_version": FORMAT_VERSION, "step": step, "layout": layout_of(pg_collection),
                 "model_config": json.loads(json.dumps(dict(model_config))) if model_config is not None else None,
                 "contents": {"model": True, "optimizer": optimizer is not None,
-                             "optimizer_sharding": dict(OPTIMIZER_SHARDING) if optimizer is not None else None,
+                             "optimizer_sharding": sharding if optimizer is not None else None,
                              "scheduler": scheduler is not None, "rng": True},
                 "scheduler": scheduler.state_dict() if scheduler is not None else None}
         _write_json(tmp / META_FILE, meta)
@@ -206,11 +242,14 @@ def _check_compatible(step_dir: Path, meta: Mapping[str, Any], layout: Mapping[s
         if wanted and not contents[what]:
             raise CheckpointError(f"checkpoint {step_dir}: has no {what} state (saved contents: {contents}); "
                                   f"load without it")
-    if optimizer and (saved["tp"], saved["pp"]) != (layout["tp"], layout["pp"]):
+    sharding = (contents.get("optimizer_sharding") or {}).get("distrib_optim_sharding_type")
+    if optimizer and sharding != "fully_reshardable" and (saved["tp"], saved["pp"]) != (layout["tp"], layout["pp"]):
         raise CheckpointError(
             f"checkpoint {step_dir}: optimizer state saved at tp={saved['tp']}, pp={saved['pp']} cannot load "
-            f"at tp={layout['tp']}, pp={layout['pp']} (dp_reshardable supports DP changes only); "
-            f"load the model weights alone (optimizer=None)")
+            f"at tp={layout['tp']}, pp={layout['pp']} (saved dp_reshardable, which supports DP changes only; "
+            f"to change TP / PP, save with optimizer_format='fully_reshardable', in the trainer "
+            f"trainer.checkpoint_optimizer_format=fully_reshardable); load the model weights alone "
+            f"(optimizer=None)")
     same = all(saved[k] == layout[k] for k in ("tp", "pp", "world_size"))
     if load_rng and not same:
         raise CheckpointError(f"checkpoint {step_dir}: RNG states saved at layout {saved} cannot be restored "
@@ -260,7 +299,10 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {step_dir}: model parameters not loaded: {missing}")
     if optimizer is not None:
         with torch.no_grad():  # fp32 main params are views of leaf params; Megatron copies into them in place
-            optimizer.load_state_dict(loaded["optimizer"])
+            if meta["contents"]["optimizer_sharding"]["distrib_optim_sharding_type"] == "fully_reshardable":
+                _load_fully_reshardable(optimizer, loaded["optimizer"])
+            else:
+                optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
     if scheduler is not None:
         scheduler.load_state_dict(meta["scheduler"])
@@ -280,6 +322,30 @@ def _init_optimizer_states(optimizer: Any) -> None:
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         if not opt.optimizer.state:
             opt._init_optimizer_states_with_dummy_values()
+
+
+def _load_fully_reshardable(optimizer: Any, state: Any) -> None:
+    """Load a `fully_reshardable` optimizer state (saved at any TP / PP / DP layout).
+
+    Megatron-Core 0.16.1's DistributedOptimizer.load_state_dict fails on it with torch Adam (no
+    Apex / TE): it adds the per-parameter `step` to each state, then copies every state key from
+    the checkpoint's model-space tensors, which hold only param / exp_avg / exp_avg_sq (KeyError
+    'step'). So: the common part first (param groups, step), then the parameter state with the
+    step set aside; `_unshare_adam_steps` gives every parameter the loaded step afterwards.
+    """
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    parts = [state] if len(chained) == 1 else [v for _, v in sorted(state.items())]
+    for opt, part in zip(chained, parts):
+        part = dict(part)
+        param_state = part.pop("param_state")
+        part.pop("param_state_sharding_type", None)
+        opt.load_state_dict(part)
+        aside = [(st, st.pop("step")) for st in opt.optimizer.state.values() if "step" in st]
+        try:
+            opt.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for st, step in aside:
+                st["step"] = step
 
 
 def _unshare_adam_steps(optimizer: Any) -> None:

@@ -247,6 +247,8 @@ class TrainerConfig:
     """Directory of TensorBoard logs and checkpoints; a run resumes from the latest checkpoint found here."""
     checkpoint_interval: int = param(10, ge=1)
     """Value-pretraining and RL steps between checkpoints (VC-PPO ablates value checkpoints at 50 / 100 / 150 steps); one is also saved on SIGTERM / SIGUSR1, and at the end of each phase."""
+    checkpoint_optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """Optimizer state in checkpoints: `dp_reshardable` (fully parallel save; resumes at the same TP / PP) or `fully_reshardable` (resumes at any TP / PP / DP; the save gathers each model shard's optimizer state over data parallelism, 12 bytes per parameter of the shard)."""
     value_checkpoint: str | None = None
     """Critic checkpoint (a checkpoint root or a step directory) to start RL from; skips value pretraining."""
     eval_every_steps: int = param(0, ge=0)

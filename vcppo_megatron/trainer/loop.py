@@ -34,6 +34,7 @@ from vcppo_megatron.algorithms.pass_at_k import avg_at_k, default_ks, mean_pass_
 from vcppo_megatron.algorithms.position_stats import PositionStats
 from vcppo_megatron.checkpoint import HF_SUBDIR, copy_hf_files
 from vcppo_megatron.checkpoint.dist import (
+    layout_of,
     load_checkpoint,
     read_checkpoint_meta,
     resolve_checkpoint_dir,
@@ -80,11 +81,20 @@ def _optimizer_if_stepped(engine: Any) -> Any:
 
 
 def _load_engine(path: Path, engine: Any, pgs: Any, model_config: Any) -> dict[str, Any]:
-    """Load an engine's checkpoint, with its optimizer state when the checkpoint has one."""
-    with_optimizer = bool(read_checkpoint_meta(path)["contents"]["optimizer"])
+    """Load an engine's checkpoint, with its optimizer state when the checkpoint has one.
+
+    Saved at another layout (TP / PP / world size), the RNG states are not restored (they are per
+    rank) and the optimizer state loads only if it was saved `fully_reshardable`.
+    """
+    meta = read_checkpoint_meta(path)
+    here = layout_of(pgs)
+    same_layout = all(meta["layout"][k] == here[k] for k in ("tp", "pp", "world_size"))
+    if not same_layout and dist.get_rank() == 0:
+        print(f"== {path} was saved at layout {meta['layout']}, this run is {here}: its RNG states are not "
+              f"restored, so later metrics will not match an uninterrupted run exactly", flush=True)
     return load_checkpoint(path, model=engine.core.model, pg_collection=pgs,
-                           optimizer=engine.core.optimizer if with_optimizer else None,
-                           scheduler=engine.core.scheduler, model_config=model_config)
+                           optimizer=engine.core.optimizer if meta["contents"]["optimizer"] else None,
+                           scheduler=engine.core.scheduler, model_config=model_config, load_rng=same_layout)
 
 
 def _peak_memory_gb() -> float:
@@ -176,17 +186,18 @@ class Trainer:
             self.state["actor_step"] = global_step
         state = dict(self.state, global_step=global_step, data=self.order.state_dict(),
                      summary=self.summary)
+        fmt = self.cfg.trainer.checkpoint_optimizer_format
         if actor:
             step_dir = save_checkpoint(self.ckpt_root / "actor", global_step, model=self.actor.core.model,
                                        pg_collection=self.actor_pgs, optimizer=_optimizer_if_stepped(self.actor),
                                        scheduler=self.actor.core.scheduler, training_state=state,
-                                       model_config=self.hf_config)
+                                       model_config=self.hf_config, optimizer_format=fmt)
             if self.rank == 0:          # config + tokenizer: converters and tools/evaluate.py read them
                 copy_hf_files(self.model_dir, step_dir / HF_SUBDIR)
         save_checkpoint(self.ckpt_root / "critic", global_step, model=self.critic.core.model,
                         pg_collection=self.critic_pgs, optimizer=_optimizer_if_stepped(self.critic),
                         scheduler=self.critic.core.scheduler, training_state=state,
-                        model_config=self.critic.hf_config)
+                        model_config=self.critic.hf_config, optimizer_format=fmt)
         self._print(f"== checkpoint step {global_step} ({state['phase']} step {state['phase_step']}) "
                     f"saved in {time.perf_counter() - t0:.1f}s under {self.ckpt_root}")
 
