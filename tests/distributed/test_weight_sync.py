@@ -9,6 +9,9 @@ After every sync: vLLM's processed log-probs of its own samples (T=1, top_p=1) e
 recomputed log_softmax within 1e-4 (fp32); vLLM's greedy tokens equal HF transformers' greedy
 tokens with the synced weights; and the previous rollout's log-probs are off by > 1e-3 under the
 new actor, so a stale engine would fail the parity check.
+
+`test_sync_into_rollout_tp2` runs the PP=2 part again under torchrun against ONE vLLM engine of
+tensor-parallel size 2 over both ranks (rollout_tp2_worker.py).
 """
 from __future__ import annotations
 
@@ -282,3 +285,25 @@ def test_sync_tp2_pp2_three_steps(tmp_path):
         build_hf_dir(path / "actor", tied, seed=2)        # what the actor holds: differs
         dirs.append(path)
     run_gloo(_worker, 2, *dirs)
+
+
+def test_sync_into_rollout_tp2(tmp_path):
+    """Rollout TP=2 (one vLLM engine over both ranks, external launcher under torchrun) fed by a
+    PP=2 tied actor: the same parity checks after each of two syncs (run by rollout_tp2_worker.py)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    build_hf_dir(tmp_path / "tied", True, seed=1)
+    build_hf_dir(tmp_path / "tied" / "actor", True, seed=2)
+    worker = Path(__file__).with_name("rollout_tp2_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(worker), str(tmp_path / "tied")], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for rank in (0, 1):
+        for label in ("PP=2 sync 0", "PP=2 sync 1"):
+            assert f"rank {rank} {label}:" in proc.stdout, proc.stdout[-3000:]
+    print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("rank ")))
