@@ -209,7 +209,7 @@ class EngineCore:
             return
         cuda = torch.cuda.is_available()
         self.model.offload_grad_buffers(synchronize=cuda, empty_cache=cuda)
-        if cuda and self.config.params_dtype != torch.float32:
+        if self._offloads_optimizer_state():
             self.optimizer.offload_to_cpu()
         self.offloaded = True
 
@@ -217,11 +217,14 @@ class EngineCore:
         """Undo `offload` before the next forward / backward pass (gradients come back as zeros)."""
         if not self.offloaded:
             return
-        cuda = torch.cuda.is_available()
-        if cuda and self.config.params_dtype != torch.float32:
+        if self._offloads_optimizer_state():
             self.optimizer.restore_from_cpu()
-        self.model.restore_grad_buffers(synchronize=cuda)
+        self.model.restore_grad_buffers(synchronize=torch.cuda.is_available())
         self.offloaded = False
+
+    def _offloads_optimizer_state(self) -> bool:
+        """Optimizer state moves to host on CUDA only, and not with fp32 weights (views, see offload)."""
+        return torch.cuda.is_available() and self.config.params_dtype != torch.float32
 
     # ---- schedule ---------------------------------------------------------------------------
     def run(self, batch: dict[str, Tensor], head_fn: HeadFn, loss_fn: Optional[LossFn],
