@@ -120,6 +120,18 @@ def main() -> None:
         rows += [("copy rate (read+write)", f"{rate / 1e12:.2f} TB/s"),
                  ("bandwidth floor", f"{floor * 1e3:.3f} ms ({nbytes / 2**20:.0f} MiB)"),
                  ("fraction of floor", f"{floor / med_f:.2f} (out= buffers: {floor / med_o:.2f})")]
+        from vcppo_megatron.algorithms.gae_triton import decoupled_gae_triton, pick_schedule
+
+        rows.append(("automatic Triton schedule", pick_schedule(a.batch, dev)))
+        for schedule in ("single", "two_pass"):                        # each one, out= buffers
+            def run(schedule=schedule):
+                return decoupled_gae_triton(r, v, m, schedule=schedule, out=bufs, **kw)
+            run()
+            s_adv, s_ret = bufs[0].clone(), bufs[1].clone()
+            t = statistics.median(timed(run, a.repeats, dev))
+            diff = max(float((s_adv - adv).abs().max()), float((s_ret - ret).abs().max()))
+            rows.append((f"schedule {schedule!r}", f"{t * 1e3:.3f} ms, {floor / t:.2f} of floor, "
+                                                   f"{med_b / t:.0f}x, max |diff| vs fused {diff:.1e}"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"| {k:<{width}} | {val} |" for k, val in rows))
 

@@ -100,7 +100,9 @@ def hf_config(args: argparse.Namespace):
 
 
 def init_distributed() -> tuple[int, int]:
-    """gloo (CPU) or NCCL (CUDA) process group from torchrun's environment, else one rank."""
+    """gloo (CPU) or NCCL + gloo (CUDA) process group from torchrun's environment, else one rank."""
+    from vcppo_megatron.parallel.launch import GPU_BACKEND
+
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -108,7 +110,7 @@ def init_distributed() -> tuple[int, int]:
                               MASTER_PORT=str(s.getsockname()[1]))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(GPU_BACKEND if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -1,8 +1,8 @@
 """Engines on 2 gloo ranks, each layout with its own process groups in one process (no global
 parallel_state): gradients of the real actor loss (global counts, several micro-batches) at TP=2,
-PP=2 (tied embeddings) and DP=2 equal HF's full-batch autograd; critic values and value-loss
-gradients at TP=2 and PP=2 equal HF's; one optimizer step per layout with the reference grad norm;
-a policy checkpoint with its optimizer state (`fully_reshardable`) saved at TP=2 resumes at TP=2,
+PP=2 (tied embeddings) and DP=2, and with sequence parallelism and full activation recompute, equal
+HF's full-batch autograd; critic values and value-loss gradients at those TP / PP layouts equal
+HF's; one optimizer step per layout with the reference grad norm; a policy checkpoint with its optimizer state (`fully_reshardable`) saved at TP=2 resumes at TP=2,
 PP=2 and DP=2 exactly like the uninterrupted TP=2 run. All checks share this one spawn."""
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ from model_fixtures import VOCAB, tiny_hf_model
 TOL = 1e-5
 ROWS, SEQ, PROMPT = 6, 12, 3
 BUDGET = 16                                   # tokens per micro-batch: 2-5 micro-batches per rank
+# (TP, PP, engine options); (1, 1) on 2 ranks is DP=2. Sequence parallelism pads micro-batches to
+# even lengths; full recompute reruns every layer in the backward pass.
+LAYOUTS = ((2, 1, {}), (2, 1, dict(sequence_parallel=True, recompute_activations="full")),
+           (1, 2, dict(recompute_activations="full")), (1, 1, {}))
 ACTOR_KW = dict(eps_low=0.2, eps_high=0.28, loss_agg_mode="seq-mean-token-mean", nll_coef=0.1,
                 entropy_coef=0.01)
 
@@ -198,7 +202,7 @@ def _worker(rank: int, world_size: int, work: str) -> None:
     kw = dict(optim=OptimConfig(lr=1e-4, grad_clip=1.0), attention_backend="sdpa",
               max_tokens_per_micro_batch=BUDGET)
     report = []
-    for tp, pp in ((2, 1), (1, 2), (1, 1)):                 # (1, 1) on 2 ranks is DP=2
+    for tp, pp, extra in LAYOUTS:
         pgs, layout = build_role_groups(tp, pp)
         if layout.dp > 1:                                   # this DP rank's rows; counts stay global
             mine = {k: v[layout.dp_rank::layout.dp] for k, v in batch.items()}
@@ -206,7 +210,7 @@ def _worker(rank: int, world_size: int, work: str) -> None:
             assert local_counts == counts
         else:
             mine = batch
-        policy = PolicyEngine(hf.config, pgs, layout, logprob_chunk_size=4, **kw)
+        policy = PolicyEngine(hf.config, pgs, layout, logprob_chunk_size=4, **kw, **extra)
         policy.load_hf_dir(lm_dir)                          # per parameter, from safetensors
         # default path (grads reduce-scattered over DP): the optimizer's grad norm is the reference's
         policy.zero_grad()
@@ -221,11 +225,11 @@ def _worker(rank: int, world_size: int, work: str) -> None:
         with policy.train_mode():
             policy.forward_backward(mine, _actor_loss(counts), full_grads=True)
         d_actor = _max_diff(policy.core.main_grads(), _expected(actor_ref, layout))
-        assert d_actor <= TOL, (tp, pp, d_actor)
-        line = f"TP={tp} PP={pp} DP={layout.dp}: actor |grad - HF| {d_actor:.2e} " \
+        assert d_actor <= TOL, (tp, pp, extra, d_actor)
+        line = f"TP={tp} PP={pp} DP={layout.dp} {extra}: actor |grad - HF| {d_actor:.2e} " \
                f"grad_norm {stats['grad_norm']:.6f} (HF {ref_norm:.6f})"
         if layout.dp == 1:                                  # critic at TP=2 and PP=2
-            critic = ValueEngine(lm_config, pgs, layout, **kw)
+            critic = ValueEngine(lm_config, pgs, layout, **kw, **extra)
             critic.load_hf_dir(rm_dir, init_from="reward_model")
             critic.zero_grad()
             with critic.train_mode():

@@ -160,18 +160,21 @@ def test_killed_run_resumes_with_identical_metrics(tmp_path):
 
 
 def test_killed_run_resumes_at_another_layout_with_resharded_optimizer_state(tmp_path):
-    """Checkpoints with `fully_reshardable` optimizer state, written at DP=2, resume at PP=2: both
-    optimizers load (a `dp_reshardable` state would be refused), the per-rank RNG states are
-    skipped with a notice, and the run finishes with finite metrics."""
+    """Checkpoints with `fully_reshardable` optimizer state, written at DP=2, resume at PP=2 (with
+    full activation recompute): both optimizers load (a `dp_reshardable` state would be refused),
+    the per-rank RNG states are skipped with a notice, and the run finishes with finite metrics."""
     fmt = ("trainer.checkpoint_optimizer_format=fully_reshardable",)
     _kill_at_checkpoint(tmp_path, RESUME + fmt, FIRST_RL_CHECKPOINT)
     meta = json.loads((tmp_path / "checkpoints" / "actor" / FIRST_RL_CHECKPOINT / "vcppo_checkpoint.json").read_text())
     assert meta["layout"]["dp"] == 2 and meta["contents"]["optimizer_sharding"] == {
         "distrib_optim_sharding_type": "fully_reshardable"}
-    pp2 = ("actor.parallel.pipeline_parallel_size=2", "critic.parallel.pipeline_parallel_size=2")
+    pp2 = ("actor.parallel.pipeline_parallel_size=2", "critic.parallel.pipeline_parallel_size=2",
+           "actor.parallel.recompute_activations=full", "critic.parallel.recompute_activations=full")
     resumed = _run(tmp_path, *RESUME, *fmt, *pp2)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     assert "actor/critic TP=1 PP=2 DP=1" in resumed.stdout
+    assert ("actor: sequence parallel off, activation recompute full; "
+            "critic: sequence parallel off, activation recompute full") in resumed.stdout
     assert "its RNG states are not restored" in resumed.stdout
     done = re.search(r"resumed from .*: phase rl, (\d+) steps done", resumed.stdout)
     assert done and int(done.group(1)) in (2, 4, 6), resumed.stdout[-2000:]

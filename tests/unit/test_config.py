@@ -134,3 +134,13 @@ def test_batch_sizes_that_do_not_divide_fail(overrides, world, fragment):
     with pytest.raises(ConfigError, match="expected") as err:
         derive_batch_sizes(cfg, world_size=world)
     assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("role", ["actor", "critic"])
+def test_sequence_parallel_without_tensor_parallelism_is_rejected(role):
+    from vcppo_megatron.trainer.setup import check_layout
+
+    recipe = ROOT / "examples" / "tiny_cpu.yaml"
+    check_layout(load_config(recipe, [f"{role}.parallel.recompute_activations=full"]), world_size=2)
+    with pytest.raises(ConfigError, match=rf"{role}.parallel.sequence_parallel = true with tensor_parallel_size = 1"):
+        check_layout(load_config(recipe, [f"{role}.parallel.sequence_parallel=true"]), world_size=2)

@@ -3,15 +3,18 @@ closed forms, input validation, and masked whitening.
 
 Error measure: rel_err(x, ref) = max|x − ref| / max(1, max|ref|) over the whole [batch, T] output,
 ref in float64; tolerance 1e-5. The Triton kernel is checked under TRITON_INTERPRET=1 (numpy on
-CPU) in one subprocess, since the variable must be set before triton is imported.
+CPU) in one subprocess, since the variable must be set before triton is imported, and compiled
+for the H100 (sm_90a) with triton's own ptxas, which needs no GPU.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -285,10 +288,11 @@ def _triton_interpreter_cases() -> dict:
                              if B > 2 else ())
         r, v = r.to(dtype), v.to(dtype)
         kw = dict(gamma=gamma, lam_actor=la, lam_critic=lc, length_adaptive_alpha=alpha)
-        adv, ret = decoupled_gae_triton(r, v, m, block_t=block, **kw)
         ref_adv, ref_ret = decoupled_gae_reference(r, v, m, **kw)
-        out[f"{B}x{T}/{block}/{dtype}/{gamma}/{la}/{lc}/{alpha}"] = max(rel_err(adv, ref_adv),
-                                                                        rel_err(ret, ref_ret))
+        for schedule in ("single", "two_pass"):
+            adv, ret = decoupled_gae_triton(r, v, m, block_t=block, schedule=schedule, **kw)
+            out[f"{B}x{T}/{block}/{dtype}/{gamma}/{la}/{lc}/{alpha}/{schedule}"] = max(
+                rel_err(adv, ref_adv), rel_err(ret, ref_ret))
     # the public dispatch accepts CPU tensors for backend="triton" under the interpreter
     r, v, m = make_batch(2, 40, seed=9, holes=True)
     adv, _ = decoupled_gae(r, v, m, gamma=1.0, lam_actor=0.95, lam_critic=1.0, backend="triton")
@@ -312,8 +316,51 @@ def test_triton_kernel_under_interpreter():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     errs = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(errs) == 10
+    assert len(errs) == 18
     assert max(errs.values()) <= TOL, errs
+
+
+def _compile_sm90(kernel, inputs: str, mask: str, extra: dict, constexprs: dict, warps: int) -> str:
+    """Compile a kernel for the H100 (sm_90a) on this CPU machine; return ptxas' resource report."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    sig = {"r_ptr": inputs, "v_ptr": inputs, "m_ptr": mask, "ga_ptr": "*fp32", **extra,
+           "T": "i32", "n_chunks": "i32", "gamma": "fp32", "gc": "fp32",
+           **{name: "constexpr" for name in constexprs}}
+    compiled = triton.compile(ASTSource(kernel, signature=sig, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    assert compiled.asm["cubin"], kernel.__name__
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        proc = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o",
+                               str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+def test_triton_kernels_compile_for_h100_without_spills():
+    """The interpreter does not compile; this builds every kernel for sm_90a as the dispatcher
+    launches it (fp32 / bf16 inputs, float / bool mask, 1024-step chunks) and checks that ptxas
+    keeps everything in registers (a spill would cost bandwidth in a memory-bound kernel)."""
+    from vcppo_megatron.algorithms import gae_triton as gt
+
+    out2 = {"adv_ptr": "*fp32", "ret_ptr": "*fp32"}
+    block = {"BLOCK": gt.BLOCK_T}
+    for inputs, mask in (("*fp32", "*fp32"), ("*bf16", "*u8")):
+        reports = [
+            _compile_sm90(gt._row_scan_kernel, inputs, mask, out2, block, 4),
+            _compile_sm90(gt._chunk_aggregate_kernel, inputs, mask, {"agg_ptr": "*fp32"}, block, 4),
+            _compile_sm90(gt._chunk_scan_kernel, inputs, mask, {"agg_ptr": "*fp32", **out2},
+                          {**block, "NC_BLOCK": 32}, 4)]
+        for report in reports:
+            regs = [int(n) for n in re.findall(r"Used (\d+) registers", report)]
+            assert regs and max(regs) <= 255, report
+            assert not re.search(r"[1-9]\d* bytes spill (stores|loads)", report), report
 
 
 @pytest.mark.skipif(HAS_TRITON, reason="only without triton")
@@ -325,13 +372,22 @@ def test_triton_backend_without_triton_raises():
 
 @pytest.mark.gpu
 def test_triton_cuda_matches_reference():
-    """Real CUDA kernel (default 1024-step chunks): long rows, holes, bf16, length-adaptive."""
+    """Real CUDA kernels (default 1024-step chunks), both schedules and the automatic pick: long
+    rows, holes, bf16, length-adaptive, a float mask."""
+    from vcppo_megatron.algorithms.gae_triton import decoupled_gae_triton
+
     for B, T, holes, dtype, alpha in ((64, 20000, True, torch.float32, None),
                                       (16, 32768, False, torch.bfloat16, 0.05),
-                                      (7, 1001, True, torch.float32, 0.05)):
+                                      (7, 1001, True, torch.float32, 0.05),
+                                      (1100, 3000, True, torch.float32, None)):
         r, v, m = make_batch(B, T, seed=T, holes=holes, empty_rows=(1,), len1_rows=(2,))
         r, v = r.to(dtype), v.to(dtype)
+        if B == 7:
+            m = m.float()
         kw = dict(gamma=1.0, lam_actor=0.95, lam_critic=1.0, length_adaptive_alpha=alpha)
-        adv, ret = decoupled_gae(r.cuda(), v.cuda(), m.cuda(), backend="auto", **kw)
         ref_adv, ref_ret = decoupled_gae_reference(r, v, m, **kw)
+        adv, ret = decoupled_gae(r.cuda(), v.cuda(), m.cuda(), backend="auto", **kw)
         assert max(rel_err(adv.cpu(), ref_adv), rel_err(ret.cpu(), ref_ret)) <= TOL
+        for schedule in ("single", "two_pass"):
+            adv, ret = decoupled_gae_triton(r.cuda(), v.cuda(), m.cuda(), schedule=schedule, **kw)
+            assert max(rel_err(adv.cpu(), ref_adv), rel_err(ret.cpu(), ref_ret)) <= TOL, schedule

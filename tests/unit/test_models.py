@@ -149,6 +149,31 @@ def test_unsupported_architecture_lists_supported():
         architecture_from_hf({"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]})
 
 
+def test_vocab_not_divisible_by_tp_raises():
+    cfg = dict(tiny_hf_model("qwen2_tied").config.to_dict(), vocab_size=19)
+    architecture_from_hf(cfg)
+    with pytest.raises(ValueError, match="vocab_size=19 is not divisible by tensor_model_parallel_size=2"):
+        architecture_from_hf(cfg, tensor_model_parallel_size=2)
+
+
+def test_local_spec_norms_support_sequence_parallelism():
+    """The local specs use this package's RMSNorm (also as the final norm): equal to torch's, and
+    under sequence parallelism its weight is marked for the TP all-reduce of its gradient."""
+    from vcppo_megatron.models.norm import RMSNorm
+
+    for backend in ("sdpa", "unfused"):
+        arch = architecture_from_hf(tiny_hf_model("qwen2_tied").config, attention_backend=backend)
+        assert arch.layer_spec.submodules.input_layernorm is RMSNorm
+        assert arch.layer_spec.submodules.pre_mlp_layernorm is RMSNorm and arch.layer_norm is RMSNorm
+    cfg = architecture_from_hf(tiny_hf_model("qwen2_tied").config, attention_backend="sdpa").config
+    norm = RMSNorm(cfg, 8, eps=1e-6)
+    ref = torch.nn.RMSNorm(8, eps=1e-6)
+    x = torch.randn(3, 8)
+    assert torch.equal(norm(x), ref(x)) and norm.weight.sequence_parallel is False
+    cfg.sequence_parallel = True
+    assert RMSNorm(cfg, 8).weight.sequence_parallel is True
+
+
 def test_unsupported_rope_scaling_raises():
     cfg = tiny_hf_model("llama3").config.to_dict()
     cfg["rope_parameters"] = dict(cfg["rope_parameters"], high_freq_factor=2.0)

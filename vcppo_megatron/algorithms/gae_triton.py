@@ -7,9 +7,16 @@ returns_t = r_t + B^{λ_critic}_{t+1} on valid tokens (VC-PPO eq. 3-5, VAPO eq. 
 Lane i of the chunk k block holds time t = kC + C−1−i (time reversed by indexing) and the element
 of position t+1, so an inclusive prefix scan over lanes gives the *exclusive* suffix B_{t+1}.
 
-Two launches (reduce, then scan): `_chunk_aggregate_kernel` composes each (row, chunk)'s affine
-maps into one (c, b) pair per λ; `_chunk_scan_kernel` composes the aggregates of the later chunks
-of its row into the incoming carry, rescans its chunk and writes both outputs. fp32 accumulation.
+Two schedules, both fp32 accumulation:
+- "single" (`_row_scan_kernel`, one launch, grid = rows): a program walks its row's chunks from
+  the last to the first, scans each chunk in parallel over time and hands the carry B to the
+  chunk before. Inputs are read once and outputs written once: the bandwidth floor's traffic.
+  Needs enough rows to fill the GPU (each program is serial over its row's chunks).
+- "two_pass" (grid = rows x chunks, for few long rows): `_chunk_aggregate_kernel` composes each
+  (row, chunk)'s affine maps into one (c, b) pair per λ; `_chunk_scan_kernel` composes the
+  aggregates of the later chunks of its row into the incoming carry, rescans its chunk and writes
+  both outputs. Inputs are read twice.
+"auto" picks "single" when the rows are at least `SINGLE_PASS_ROWS_PER_SM` x the multiprocessors.
 """
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK_T = 1024             # chunk length on CUDA (time steps per program)
+SINGLE_PASS_ROWS_PER_SM = 4
+SCHEDULES = ("auto", "single", "two_pass")
 
 
 @triton.jit
@@ -97,12 +106,49 @@ def _chunk_scan_kernel(r_ptr, v_ptr, m_ptr, ga_ptr, agg_ptr, adv_ptr, ret_ptr, T
     tl.store(ret_ptr + off, tl.where(valid, r + next_c, 0.0), mask=inb)      # A^c + V (eq. 5)
 
 
+@triton.jit
+def _row_scan_kernel(r_ptr, v_ptr, m_ptr, ga_ptr, adv_ptr, ret_ptr, T, n_chunks, gamma, gc,
+                     BLOCK: tl.constexpr):
+    """One row: chunks last to first, each scanned in parallel, the carry passed between them."""
+    row = tl.program_id(0)
+    ga = tl.load(ga_ptr + row)
+    carry_a = ga * 0.0                                                  # B after the row: 0
+    carry_c = ga * 0.0
+    last = tl.arange(0, BLOCK) == BLOCK - 1
+    for k in range(n_chunks):
+        chunk = n_chunks - 1 - k
+        t, ca, ba, cc, bc = _chunk_elements(r_ptr, v_ptr, m_ptr, row, chunk, T, gamma, ga, gc,
+                                            BLOCK)
+        ca, ba, cc, bc = tl.associative_scan((ca, ba, cc, bc), 0, _compose)
+        next_a = ba + ca * carry_a                                      # B^λa_{n(t)}
+        next_c = bc + cc * carry_c
+        inb = t < T
+        off = row.to(tl.int64) * T + t
+        r = tl.load(r_ptr + off, mask=inb, other=0.0).to(tl.float32)   # same lines: cache hits
+        v = tl.load(v_ptr + off, mask=inb, other=0.0).to(tl.float32)
+        valid = tl.load(m_ptr + off, mask=inb, other=0).to(tl.float32) != 0.0
+        tl.store(adv_ptr + off, tl.where(valid, r - v + next_a, 0.0), mask=inb)  # eq. 3
+        tl.store(ret_ptr + off, tl.where(valid, r + next_c, 0.0), mask=inb)      # eq. 5
+        # lane BLOCK−1 holds B_{kC+1}: the carry after the previous chunk's last element
+        carry_a = tl.sum(tl.where(last, next_a, 0.0), 0)
+        carry_c = tl.sum(tl.where(last, next_c, 0.0), 0)
+
+
+def pick_schedule(rows: int, device: torch.device) -> str:
+    """"single" when the rows alone fill the GPU, else "two_pass" (see the module docstring)."""
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else 1)
+    return "single" if rows >= SINGLE_PASS_ROWS_PER_SM * sms else "two_pass"
+
+
 def decoupled_gae_triton(rewards: Tensor, values: Tensor, response_mask: Tensor, *, gamma: float,
                          lam_actor: float, lam_critic: float,
                          length_adaptive_alpha: Optional[float] = None,
-                         block_t: Optional[int] = None,
+                         block_t: Optional[int] = None, schedule: str = "auto",
                          out: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
-    """Launch the two kernels; inputs already validated by gae.decoupled_gae. Outputs float32."""
+    """Launch the kernels of `schedule`; inputs already validated by gae.decoupled_gae. fp32 out."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: {schedule!r}, expected one of {SCHEDULES}")
     from vcppo_megatron.algorithms.gae import length_adaptive_lambda
 
     B, T = rewards.shape
@@ -118,11 +164,17 @@ def decoupled_gae_triton(rewards: Tensor, values: Tensor, response_mask: Tensor,
         g_actor = (gamma * length_adaptive_lambda(lengths, float(length_adaptive_alpha))).float()
     block = block_t or min(BLOCK_T, max(16, triton.next_power_of_2(T)))
     n_chunks = triton.cdiv(T, block)
-    agg = torch.empty(B, n_chunks, 4, dtype=torch.float32, device=dev)
     adv, ret = out if out is not None else (torch.empty(B, T, dtype=torch.float32, device=dev)
                                             for _ in range(2))
     gc = gamma * lam_critic
     warps = 8 if block >= 2048 else 4
+    if schedule == "auto":
+        schedule = pick_schedule(B, dev)
+    if schedule == "single":
+        _row_scan_kernel[(B,)](r, v, m, g_actor, adv, ret, T, n_chunks, gamma, gc, BLOCK=block,
+                               num_warps=warps)
+        return adv, ret
+    agg = torch.empty(B, n_chunks, 4, dtype=torch.float32, device=dev)
     grid = (B, n_chunks)
     _chunk_aggregate_kernel[grid](r, v, m, g_actor, agg, T, n_chunks, gamma, gc, BLOCK=block,
                                   num_warps=warps)

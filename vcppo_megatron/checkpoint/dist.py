@@ -123,7 +123,8 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
+    if state["tracker"]:              # older checkpoints hold none: keep the engines' seeded states
+        get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 def _write_json(path: Path, obj: Any) -> None:

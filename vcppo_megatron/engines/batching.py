@@ -5,6 +5,8 @@ rows while rows x (its longest row) <= `max_tokens_per_micro_batch` (a row longe
 goes alone), and is trimmed to its own longest row. With n_k rows in micro-batch k, its padding is
 at most n_k·(L_max,k - L_min,k); since the length ranges of consecutive micro-batches do not
 overlap, the total padding over the batch is at most max_k n_k · (L_longest - L_shortest).
+With `seq_multiple` m > 1 (sequence parallelism needs lengths divisible by the TP size) each
+micro-batch is padded on to a multiple of m: at most n_k·(m − 1) more per micro-batch.
 """
 from __future__ import annotations
 
@@ -53,10 +55,14 @@ def validate_batch(batch: dict[str, Tensor]) -> tuple[int, int, Tensor]:
     return n, s, lengths
 
 
-def split_micro_batches(batch: dict[str, Tensor], max_tokens_per_micro_batch: int) -> list[MicroBatch]:
-    """Sort rows by length, pack under the token budget and trim each micro-batch (see module doc)."""
+def split_micro_batches(batch: dict[str, Tensor], max_tokens_per_micro_batch: int,
+                        seq_multiple: int = 1) -> list[MicroBatch]:
+    """Sort rows by length, pack under the token budget and trim each micro-batch to its longest
+    row rounded up to a multiple of `seq_multiple` (zero-padded past the batch; see module doc)."""
     if max_tokens_per_micro_batch < 1:
         raise ValueError(f"max_tokens_per_micro_batch={max_tokens_per_micro_batch}, expected >= 1")
+    if seq_multiple < 1:
+        raise ValueError(f"seq_multiple={seq_multiple}, expected >= 1")
     n, s, lengths = validate_batch(batch)
     order = torch.argsort(lengths, descending=True, stable=True)
     groups: list[list[int]] = []
@@ -68,11 +74,19 @@ def split_micro_batches(batch: dict[str, Tensor], max_tokens_per_micro_batch: in
     out = []
     for g in groups:
         rows = torch.tensor(g, dtype=torch.long)
-        seq = int(lengths[rows[0]])
-        data = {k: (t[rows][:, :seq] if t.dim() >= 2 and t.shape[1] == s else t[rows])
+        seq = -(-int(lengths[rows[0]]) // seq_multiple) * seq_multiple
+        data = {k: (_columns(t[rows], seq) if t.dim() >= 2 and t.shape[1] == s else t[rows])
                 for k, t in batch.items()}
         out.append(MicroBatch(rows=rows, seq_len=seq, data=data))
     return out
+
+
+def _columns(t: Tensor, seq: int) -> Tensor:
+    """The first `seq` columns of t, zero-padded when t has fewer."""
+    if t.shape[1] >= seq:
+        return t[:, :seq]
+    pad = t.new_zeros((t.shape[0], seq - t.shape[1], *t.shape[2:]))
+    return torch.cat([t, pad], dim=1)
 
 
 def computed_tokens(micro_batches: list[MicroBatch]) -> int:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -25,6 +26,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from vcppo_megatron.checkpoint import hf_to_megatron, load_into_model, pp_stage, tp_shard
 from vcppo_megatron.checkpoint.hf_weights import hf_sources, hf_to_megatron_param
@@ -54,27 +56,67 @@ def stage_layers(num_layers: int, layout: RoleLayout) -> range:
     return range(layout.pp_rank * per, (layout.pp_rank + 1) * per)
 
 
+def seed_tensor_parallel_rng(seed: int, tp_rank: int) -> None:
+    """Add megatron's "model-parallel-rng" state, seeded seed + 2718 + tp_rank as
+    model_parallel_cuda_manual_seed does, but from this role's TP rank rather than the global
+    parallel state. TP-sharded weights initialised on the GPU, dropout, and the sequence-parallel
+    embedding fork it: without it they raise "cuda rng state model-parallel-rng is not added".
+    The default generator is left as it was."""
+    tracker = get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.add("model-parallel-rng", seed + 2718 + tp_rank)
+
+
+def ensure_gather_buffer() -> None:
+    """Sequence-parallel linear layers all-gather their input into megatron's global memory
+    buffer, which initialize_model_parallel would create; the engines set up no global parallel
+    state, so create that buffer (only the buffer) once per process."""
+    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
+        parallel_state._set_global_memory_buffer()
+
+
+# parallel.recompute_activations -> TransformerConfig fields ("full": each layer's input is kept and
+# the layer recomputed in the backward pass)
+RECOMPUTE: dict[str, dict[str, Any]] = {
+    "none": {},
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+}
+
+
 class EngineCore:
     """Model chunk + DDP + optimizer + scheduler + schedule runner for one role's layout."""
 
     def __init__(self, hf_config: Any, pgs: ProcessGroupCollection, layout: RoleLayout, *,
                  value_head: bool, optim: OptimConfig, total_steps: int = 1,
                  max_tokens_per_micro_batch: int = 4096, params_dtype: torch.dtype = torch.float32,
-                 attention_backend: str = "auto") -> None:
+                 attention_backend: str = "auto", sequence_parallel: bool = False,
+                 recompute_activations: str = "none", seed: int = 0) -> None:
         self.hf_config, self.pgs, self.layout = hf_config, pgs, layout
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        if sequence_parallel and layout.tp == 1:
+            raise ValueError("sequence_parallel=True needs tensor parallelism (TP > 1), got TP=1")
+        if recompute_activations not in RECOMPUTE:
+            raise ValueError(f"recompute_activations={recompute_activations!r}, expected one of "
+                             f"{sorted(RECOMPUTE)}")
+        # sequence parallelism splits each micro-batch's tokens over the TP ranks: whole shares
+        self.seq_multiple = layout.tp if sequence_parallel else 1
+        seed_tensor_parallel_rng(seed, layout.tp_rank)
+        if sequence_parallel:
+            ensure_gather_buffer()
         model = build_gpt_model(
             hf_config, params_dtype=params_dtype, pre_process=layout.is_first_stage,
             post_process=layout.is_last_stage, value_head=value_head,
             tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
             attention_backend=attention_backend, pg_collection=pgs,
-            calculate_per_token_loss=True, sequence_parallel=False,
+            calculate_per_token_loss=True, sequence_parallel=sequence_parallel,
+            **RECOMPUTE[recompute_activations],
             # micro-batches differ in shape (length-sorted, trimmed): p2p sends shapes first
             variable_seq_lengths=True,
             # no experts; megatron rejects the default "allgather" dispatcher with variable lengths
             moe_token_dispatcher_type="alltoall")
         self.config = model.config
         self.raw_model = model
+        self.device = next(model.parameters()).device   # micro-batches go here; outputs come back to CPU
         self.ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True)
         self.model = DistributedDataParallel(self.config, self.ddp_config, model, pg_collection=pgs)
@@ -235,15 +277,19 @@ class EngineCore:
         `full_grads=True` all-reduces instead, so every rank's `main_grad`s hold the whole
         gradient (for inspection and tests; the optimizer step works either way).
 
-        outputs: {name: [rows, seq] fp32, in the batch's row order, zero beyond each row's
-        length}, broadcast from the last pipeline stage to every stage; metrics: summed over
-        micro-batches (this DP rank only).
+        outputs: {name: [rows, seq] fp32 on the CPU, in the batch's row order, zero beyond each
+        row's length}, broadcast from the last pipeline stage to every stage; metrics: summed over
+        micro-batches (this DP rank only). The batch may be on the CPU: each micro-batch is moved
+        to the model's device, where loss_fn sees it.
         """
         if loss_fn is None and not forward_only:
             raise ValueError("forward_backward: loss_fn=None is only allowed with forward_only=True")
         if self.offloaded and not forward_only:
             raise RuntimeError("forward_backward: the gradient buffers are offloaded; call onload() first")
-        micro = split_micro_batches(batch, self.max_tokens_per_micro_batch)
+        micro = split_micro_batches(batch, self.max_tokens_per_micro_batch, self.seq_multiple)
+        if self.device.type != "cpu":                    # callers hand over host tensors
+            for mb in micro:
+                mb.data = {k: v.to(self.device, non_blocking=True) for k, v in mb.data.items()}
         n, s = batch["input_ids"].shape
         collected: list[tuple[MicroBatch, dict[str, Tensor]]] = []
         metrics: dict[str, Tensor] = {}
@@ -284,8 +330,9 @@ class EngineCore:
             names = box[0]
         out = {k: torch.zeros(n, s, dtype=torch.float32) for k in names}
         for mb, outs in collected:
+            w = min(mb.seq_len, s)                       # sequence-parallel padding may pass s
             for k, v in outs.items():
-                out[k][mb.rows, : mb.seq_len] = v.float() * mb.data["attention_mask"]
+                out[k][mb.rows, :w] = (v.float() * mb.data["attention_mask"])[:, :w].cpu()
         if self.layout.pp > 1:
             for k in names:
                 dist.broadcast(out[k], group_src=self.layout.pp - 1, group=self.pgs.pp)

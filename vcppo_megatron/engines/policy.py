@@ -13,6 +13,7 @@ from vcppo_megatron.checkpoint.convert import SafetensorsIndex
 from vcppo_megatron.config.schema import OptimConfig
 from vcppo_megatron.engines.core import Engine, EngineCore
 from vcppo_megatron.engines.logprobs import vocab_parallel_logprobs
+from vcppo_megatron.models.gpt import gather_sequence_shards
 from vcppo_megatron.models.registry import hf_get
 from vcppo_megatron.parallel.groups import RoleLayout
 
@@ -25,14 +26,17 @@ class HiddenStatesOutput(torch.nn.Module):
     the projection to the vocabulary happens chunked in `vocab_parallel_logprobs`.
     """
 
-    def __init__(self, output_layer: Optional[torch.nn.Module]) -> None:
+    def __init__(self, output_layer: Optional[torch.nn.Module], *, sequence_parallel: bool = False,
+                 tp_group: Any = None) -> None:
         super().__init__()
         self.weight = None if output_layer is None else output_layer.weight
+        self.sequence_parallel, self.tp_group = sequence_parallel, tp_group
 
     def forward(self, hidden: Tensor, weight: Optional[Tensor] = None,
                 runtime_gather_output: Optional[bool] = None) -> tuple[Tensor, None]:
-        """hidden [s, b, h] -> the same hidden (GPTModel transposes to [b, s, h])."""
-        return hidden, None
+        """hidden [s, b, h] (or its sequence shard, gathered) -> the whole hidden (GPTModel
+        transposes it to [b, s, h]); vocab_parallel_logprobs all-reduces its gradient over TP."""
+        return gather_sequence_shards(hidden, self.sequence_parallel, self.tp_group), None
 
 
 class PolicyEngine(Engine):
@@ -54,7 +58,8 @@ class PolicyEngine(Engine):
         self.tie = bool(hf_get(hf_config, "tie_word_embeddings", False))
         model = self.core.raw_model
         if layout.is_last_stage:
-            model.output_layer = HiddenStatesOutput(model.output_layer)
+            model.output_layer = HiddenStatesOutput(
+                model.output_layer, sequence_parallel=self.core.config.sequence_parallel, tp_group=pgs.tp)
 
     def load_hf_state(self, hf_state: Mapping[str, Tensor]) -> None:
         """Load an HF causal LM state dict (this rank's TP shard of its PP stage)."""

@@ -7,9 +7,22 @@ import torch
 from torch import Tensor
 
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
-from vcppo_megatron.models.registry import HFConfig, architecture_from_hf
+from vcppo_megatron.models.registry import HFConfig, architecture_from_hf, block_spec
+
+
+def gather_sequence_shards(hidden: Tensor, sequence_parallel: bool, tp_group: Any) -> Tensor:
+    """Under sequence parallelism the final hidden states are split over the TP ranks along the
+    sequence ([s/tp, b, h]); gather them to [s, b, h] on every rank. Backward keeps each rank's
+    rows of the gradient, so the caller's gradient must already be whole on every TP rank (a
+    replicated head, or one that all-reduces its partial gradients, as the vocab-parallel
+    log-prob head does). Without sequence parallelism: the identity."""
+    if not sequence_parallel:
+        return hidden
+    return gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=tp_group)
 
 
 class ValueHead(torch.nn.Module):
@@ -17,15 +30,18 @@ class ValueHead(torch.nn.Module):
     (same call signature). Its parameters are named `weight` [1, hidden] and `bias` [1] like the LM
     head's, which GPTModel's sharded_state_dict (distributed checkpoints) expects to find."""
 
-    def __init__(self, hidden_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, hidden_size: int, dtype: torch.dtype, *, sequence_parallel: bool = False,
+                 tp_group: Any = None) -> None:
         super().__init__()
         # zero init: identical on every TP rank, no RNG needed
         self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
         self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+        self.sequence_parallel, self.tp_group = sequence_parallel, tp_group
 
     def forward(self, hidden: Tensor, weight: Optional[Tensor] = None,
                 runtime_gather_output: Optional[bool] = None) -> tuple[Tensor, None]:
-        """hidden [s, b, h] -> values [s, b, 1] (GPTModel transposes to [b, s, 1])."""
+        """hidden [s, b, h] (or its sequence shard) -> values [s, b, 1] (GPTModel transposes them)."""
+        hidden = gather_sequence_shards(hidden, self.sequence_parallel, self.tp_group)
         return torch.nn.functional.linear(hidden, self.weight, self.bias), None
 
 
@@ -51,7 +67,8 @@ def build_gpt_model(
         attention_backend=attention_backend, **config_overrides)
     model = GPTModel(
         config=arch.config,
-        transformer_layer_spec=arch.layer_spec,
+        transformer_layer_spec=block_spec(arch, get_num_layers_to_build(
+            arch.config, vp_stage, None if pg_collection is None else pg_collection.pp.rank())),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_sequence_length,
         pre_process=pre_process,
@@ -66,7 +83,9 @@ def build_gpt_model(
         vp_stage=vp_stage,
     )
     if value_head and post_process:
-        model.output_layer = ValueHead(arch.config.hidden_size, params_dtype)
+        model.output_layer = ValueHead(arch.config.hidden_size, params_dtype,
+                                       sequence_parallel=arch.config.sequence_parallel,
+                                       tp_group=None if pg_collection is None else pg_collection.tp)
     # the torch norm fallback (no Apex / Transformer Engine, e.g. on CPU) keeps its weights in fp32;
     # TE creates them in params_dtype. One dtype per model, as Megatron's distributed optimizer
     # assumes: with both in one param group its checkpoint maps states to the wrong parameters.

@@ -10,9 +10,11 @@ import torch.nn.functional as F
 
 from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from vcppo_megatron.models.attention import SDPAttention
+from vcppo_megatron.models.norm import RMSNorm
 
 HFConfig = Union[Mapping[str, Any], Any]          # a transformers PretrainedConfig or its dict
 
@@ -35,6 +37,7 @@ class GPTArchitecture:
     rope_scaling_factor: float = 8.0
     tie_word_embeddings: bool = False
     model_type: str = ""
+    layer_norm: Any = None                  # final norm; None: Megatron's default for the spec
 
 
 def hf_get(hf_config: HFConfig, name: str, default: Any = None) -> Any:
@@ -127,18 +130,38 @@ _ADAPTERS: dict[str, Callable[[HFConfig], dict[str, Any]]] = {"qwen2": _qwen2_fi
 SUPPORTED_ARCHITECTURES: dict[str, str] = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
-def gpt_layer_spec(attention_backend: str = "auto") -> ModuleSpec:
-    """Layer spec: 'te' (Transformer Engine), 'sdpa' (local + SDPA), 'unfused' (local), 'auto'."""
+def resolve_attention_backend(attention_backend: str = "auto") -> str:
+    """'auto' -> 'te' when Transformer Engine is importable on a GPU, else 'sdpa'."""
     if attention_backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend={attention_backend!r}, expected one of {ATTENTION_BACKENDS}")
     if attention_backend == "auto":
-        attention_backend = "te" if gpt_layer_specs.HAVE_TE and torch.cuda.is_available() else "sdpa"
+        return "te" if gpt_layer_specs.HAVE_TE and torch.cuda.is_available() else "sdpa"
+    return attention_backend
+
+
+def gpt_layer_spec(attention_backend: str = "auto") -> ModuleSpec:
+    """Layer spec: 'te' (Transformer Engine), 'sdpa' (local + SDPA), 'unfused' (local), 'auto'.
+
+    The local specs use this package's RMSNorm (models/norm.py), which supports sequence
+    parallelism; Transformer Engine's norms do so themselves.
+    """
+    attention_backend = resolve_attention_backend(attention_backend)
     if attention_backend == "te":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     spec = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
     if attention_backend == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
+
+
+def block_spec(arch: GPTArchitecture, layers: int) -> Union[ModuleSpec, TransformerBlockSubmodules]:
+    """What GPTModel takes as `transformer_layer_spec` for a stage of `layers` layers: the layer
+    spec, or with a local spec the block of them with this package's final norm."""
+    if arch.layer_norm is None:
+        return arch.layer_spec
+    return TransformerBlockSubmodules(layer_specs=[arch.layer_spec] * layers, layer_norm=arch.layer_norm)
 
 
 def architecture_from_hf(
@@ -163,10 +186,17 @@ def architecture_from_hf(
         use_cpu_initialization=not torch.cuda.is_available(),
     )
     fields.update(config_overrides)
+    vocab = _require(hf_config, "vocab_size")
+    if vocab % tensor_model_parallel_size:
+        raise ValueError(f"HF config vocab_size={vocab} is not divisible by tensor_model_parallel_size="
+                         f"{tensor_model_parallel_size}: Megatron splits the embedding and LM head evenly "
+                         f"over the TP ranks; expected a TP size that divides the vocabulary")
     theta, scaling_factor = _rope(hf_config)
+    backend = resolve_attention_backend(attention_backend)
     return GPTArchitecture(
         config=TransformerConfig(**fields),
-        layer_spec=gpt_layer_spec(attention_backend),
+        layer_spec=gpt_layer_spec(backend),
+        layer_norm=None if backend == "te" else RMSNorm,
         vocab_size=_require(hf_config, "vocab_size"),
         max_sequence_length=_require(hf_config, "max_position_embeddings"),
         rotary_base=theta,

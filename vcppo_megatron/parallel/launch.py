@@ -174,13 +174,18 @@ def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, 1, 0, 1, env.get("MASTER_ADDR") or "127.0.0.1", _port(env), "single")
 
 
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
+
+
 def init_distributed(env: Mapping[str, str] | None = None, backend: str | None = None,
                      timeout_s: float = 1800.0) -> LaunchEnv:
-    """Initialise the default process group from the launch env (nccl on GPU, gloo on CPU)."""
+    """Initialise the default process group from the launch env: on GPUs nccl for CUDA tensors
+    and gloo for host tensors (the trainer reduces counts, metrics and per-token outputs on the
+    host; subgroups inherit both), on CPU gloo."""
     launch = read_launch_env(env)
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+        backend = GPU_BACKEND if torch.cuda.is_available() else "gloo"
+    if "nccl" in backend:
         if launch.local_rank >= torch.cuda.device_count():
             raise LaunchError(f"local rank {launch.local_rank} has no GPU: this node shows "
                               f"{torch.cuda.device_count()} (one task per GPU expected)")

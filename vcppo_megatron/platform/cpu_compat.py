@@ -47,7 +47,31 @@ class CudaToCpuMode(TorchFunctionMode):
             return name.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else name
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], torch.device("cpu"), *args[2:])
+        if func is torch.autograd.backward or func is torch.Tensor.backward:
+            return self._backward(func, args, kwargs)
         return func(*args, **kwargs)
+
+    def _backward(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """Run the backward pass with this mode on. A mode is off while it handles a call, and
+        the whole backward pass runs inside this one: megatron's backward functions (sequence-
+        parallel collectives, activation recompute) allocate on current_device() there. With the
+        mode on again, a call on tensors would come straight back here; on their gradient edges
+        (torch.autograd.graph) it runs the same backward pass without doing so."""
+        names = (("self", "gradient", "retain_graph", "create_graph", "inputs")
+                 if func is torch.Tensor.backward else
+                 ("tensors", "grad_tensors", "retain_graph", "create_graph", "grad_variables", "inputs"))
+        kw = {**dict(zip(names, args)), **kwargs}
+        tensors = kw.pop("self", None) if func is torch.Tensor.backward else kw.pop("tensors")
+        grads = kw.pop("gradient", None) if func is torch.Tensor.backward else kw.pop("grad_tensors", None)
+        if kw.get("inputs") is not None or kw.get("grad_variables") is not None:
+            return func(*args, **kwargs)                   # not used by megatron: plain call
+        tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        if grads is not None:
+            grads = [grads] if isinstance(grads, torch.Tensor) else list(grads)
+        edges = [torch.autograd.graph.get_gradient_edge(t) for t in tensors]
+        with self:
+            return torch.autograd.backward(edges, grad_tensors=grads, retain_graph=kw.get("retain_graph"),
+                                           create_graph=bool(kw.get("create_graph", False)))
 
 
 class _CpuStream:

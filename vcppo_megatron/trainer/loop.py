@@ -142,7 +142,8 @@ class Trainer:
                                   else setup.read_hf_config(Path(cfg.critic.model_path)),
                                   self.critic_pgs, self.layout, optim=cfg.critic.optim,
                                   max_tokens_per_micro_batch=self.max_tokens_per_mb, attention_backend="auto",
-                                  params_dtype=getattr(torch, cfg.critic.params_dtype))
+                                  params_dtype=getattr(torch, cfg.critic.params_dtype),
+                                  **self._parallel_options(cfg.critic.parallel))
         self.writer = MetricWriter(self.out / "tensorboard", enabled=self.rank == self.log_rank)
         self.rollout: RolloutEngine | None = None
         self.colocation: Colocation | None = None
@@ -154,7 +155,20 @@ class Trainer:
     def _policy_engine(self, optim: Any, total_steps: int) -> PolicyEngine:
         return PolicyEngine(self.hf_config, self.actor_pgs, self.layout, optim=optim,
                             max_tokens_per_micro_batch=self.max_tokens_per_mb, total_steps=max(total_steps, 1),
-                            attention_backend="auto", params_dtype=getattr(torch, self.cfg.actor.params_dtype))
+                            attention_backend="auto", params_dtype=getattr(torch, self.cfg.actor.params_dtype),
+                            **self._parallel_options(self.cfg.actor.parallel))
+
+    def _describe_parallel(self) -> str:
+        """One line: each role's sequence parallelism and activation recompute, as the engines run."""
+        parts = [f"{role}: sequence parallel {'on' if core.config.sequence_parallel else 'off'}, activation "
+                 f"recompute {core.config.recompute_granularity or 'none'}"
+                 for role, core in (("actor", self.actor.core), ("critic", self.critic.core))]
+        return "; ".join(parts)
+
+    def _parallel_options(self, parallel: Any) -> dict[str, Any]:
+        """A role's engine options from its `parallel` section (the layout itself is in self.layout)."""
+        return dict(sequence_parallel=parallel.sequence_parallel,
+                    recompute_activations=parallel.recompute_activations, seed=self.cfg.trainer.seed)
 
     def _print(self, text: str) -> None:
         if self.rank == self.log_rank:
@@ -461,7 +475,7 @@ class Trainer:
         cfg, tc = self.cfg, self.cfg.trainer
         self._print(f"== vcppo_megatron trainer: {self.world} ranks, actor/critic TP={self.layout.tp} "
                     f"PP={self.layout.pp} DP={self.layout.dp}, rollout TP={self.rollout_tp}\n"
-                    f"{self.sizes.describe()}")
+                    f"{self._describe_parallel()}\n{self.sizes.describe()}")
         t0 = time.perf_counter()
         resumed = self._resume()
         if not resumed:

@@ -32,6 +32,11 @@ def check_layout(cfg: Config, world_size: int) -> None:
             f"critic.parallel (TP={c.tensor_parallel_size}, PP={c.pipeline_parallel_size}) differs from "
             f"actor.parallel (TP={a.tensor_parallel_size}, PP={a.pipeline_parallel_size}): expected the "
             f"same tensor and pipeline sizes (both roles train on the same data-parallel rows)")
+    for role, p in (("actor", a), ("critic", c)):
+        if p.sequence_parallel and p.tensor_parallel_size == 1:
+            raise ConfigError(f"{role}.parallel.sequence_parallel = true with tensor_parallel_size = 1: "
+                              f"sequence parallelism splits tokens over the TP ranks; expected "
+                              f"tensor_parallel_size > 1 or sequence_parallel = false")
     model_parallel = a.tensor_parallel_size * a.pipeline_parallel_size
     rollout_tp = cfg.rollout.tensor_parallel_size
     if model_parallel % rollout_tp:
