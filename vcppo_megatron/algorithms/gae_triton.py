@@ -57,6 +57,25 @@ def _chunk_elements(r_ptr, v_ptr, m_ptr, row, chunk, T, gamma, ga, gc, BLOCK: tl
 
 
 @triton.jit
+def _scan_chunk_and_write(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, row, chunk, T, gamma, ga, gc,
+                          carry_a, carry_c, BLOCK: tl.constexpr):
+    """Chunk-local exclusive suffix scan applied to the incoming carries (B after the chunk);
+    writes A and returns for the chunk and gives B^λa, B^λc_{n(t)} per lane."""
+    t, ca, ba, cc, bc = _chunk_elements(r_ptr, v_ptr, m_ptr, row, chunk, T, gamma, ga, gc, BLOCK)
+    ca, ba, cc, bc = tl.associative_scan((ca, ba, cc, bc), 0, _compose)
+    next_a = ba + ca * carry_a                                          # B^λa_{n(t)}
+    next_c = bc + cc * carry_c
+    inb = t < T
+    off = row.to(tl.int64) * T + t
+    r = tl.load(r_ptr + off, mask=inb, other=0.0).to(tl.float32)       # same lines: cache hits
+    v = tl.load(v_ptr + off, mask=inb, other=0.0).to(tl.float32)
+    valid = tl.load(m_ptr + off, mask=inb, other=0).to(tl.float32) != 0.0
+    tl.store(adv_ptr + off, tl.where(valid, r - v + next_a, 0.0), mask=inb)  # A = δ-sum (eq. 3)
+    tl.store(ret_ptr + off, tl.where(valid, r + next_c, 0.0), mask=inb)      # A^c + V (eq. 5)
+    return next_a, next_c
+
+
+@triton.jit
 def _chunk_aggregate_kernel(r_ptr, v_ptr, m_ptr, ga_ptr, agg_ptr, T, n_chunks, gamma, gc,
                             BLOCK: tl.constexpr):
     """agg[row, chunk] = composition of the chunk's (c, b) per λ: 4 floats (ca, ba, cc, bc)."""
@@ -92,18 +111,8 @@ def _chunk_scan_kernel(r_ptr, v_ptr, m_ptr, ga_ptr, agg_ptr, adv_ptr, ret_ptr, T
     last = tl.arange(0, NC_BLOCK) == NC_BLOCK - 1
     carry_a = tl.sum(tl.where(last, aba, 0.0), 0)                      # B^λa after the chunk
     carry_c = tl.sum(tl.where(last, abc, 0.0), 0)
-    # chunk-local exclusive suffix scan, then apply it to the carry
-    t, ca, ba, cc, bc = _chunk_elements(r_ptr, v_ptr, m_ptr, row, chunk, T, gamma, ga, gc, BLOCK)
-    ca, ba, cc, bc = tl.associative_scan((ca, ba, cc, bc), 0, _compose)
-    next_a = ba + ca * carry_a                                          # B^λa_{n(t)}
-    next_c = bc + cc * carry_c
-    inb = t < T
-    off = row.to(tl.int64) * T + t
-    r = tl.load(r_ptr + off, mask=inb, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + off, mask=inb, other=0.0).to(tl.float32)
-    valid = tl.load(m_ptr + off, mask=inb, other=0).to(tl.float32) != 0.0
-    tl.store(adv_ptr + off, tl.where(valid, r - v + next_a, 0.0), mask=inb)  # A = δ-sum (eq. 3)
-    tl.store(ret_ptr + off, tl.where(valid, r + next_c, 0.0), mask=inb)      # A^c + V (eq. 5)
+    _scan_chunk_and_write(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, row, chunk, T, gamma, ga, gc,
+                          carry_a, carry_c, BLOCK)
 
 
 @triton.jit
@@ -117,18 +126,8 @@ def _row_scan_kernel(r_ptr, v_ptr, m_ptr, ga_ptr, adv_ptr, ret_ptr, T, n_chunks,
     last = tl.arange(0, BLOCK) == BLOCK - 1
     for k in range(n_chunks):
         chunk = n_chunks - 1 - k
-        t, ca, ba, cc, bc = _chunk_elements(r_ptr, v_ptr, m_ptr, row, chunk, T, gamma, ga, gc,
-                                            BLOCK)
-        ca, ba, cc, bc = tl.associative_scan((ca, ba, cc, bc), 0, _compose)
-        next_a = ba + ca * carry_a                                      # B^λa_{n(t)}
-        next_c = bc + cc * carry_c
-        inb = t < T
-        off = row.to(tl.int64) * T + t
-        r = tl.load(r_ptr + off, mask=inb, other=0.0).to(tl.float32)   # same lines: cache hits
-        v = tl.load(v_ptr + off, mask=inb, other=0.0).to(tl.float32)
-        valid = tl.load(m_ptr + off, mask=inb, other=0).to(tl.float32) != 0.0
-        tl.store(adv_ptr + off, tl.where(valid, r - v + next_a, 0.0), mask=inb)  # eq. 3
-        tl.store(ret_ptr + off, tl.where(valid, r + next_c, 0.0), mask=inb)      # eq. 5
+        next_a, next_c = _scan_chunk_and_write(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, row, chunk, T,
+                                               gamma, ga, gc, carry_a, carry_c, BLOCK)
         # lane BLOCK−1 holds B_{kC+1}: the carry after the previous chunk's last element
         carry_a = tl.sum(tl.where(last, next_a, 0.0), 0)
         carry_c = tl.sum(tl.where(last, next_c, 0.0), 0)
