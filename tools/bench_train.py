@@ -12,8 +12,8 @@ fp32 logits + log_softmax + entropy under autograd), as a ratio.
 Random weights (Megatron's init). Rows have random lengths in [seq/2, seq] (`--lengths random`) or
 all `seq` tokens (`--lengths full`). Model FLOPs per step = sum over rows of 6·N·l + 6·L·h·l²
 (N parameters with a tied embedding counted once, as the LM-head matmul; L layers; h hidden size;
-l the row's real tokens; causal attention), the convention of ../shared/notes/gpu.md: padding
-and recomputation are not counted. Peak memory is torch.cuda.max_memory_allocated on CUDA and
+l the row's real tokens; causal attention), the convention of docs/PERFORMANCE.md (the usual
+6·N·tokens plus causal attention): padding and recomputation are not counted. Peak memory is torch.cuda.max_memory_allocated on CUDA and
 sampled process RSS growth on CPU (coarse).
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ import pytest
 from vcppo_megatron.data import BadRowError, PromptOrder, encode_prompt, format_prompt, load_problems
 
 ROOT = Path(__file__).resolve().parents[2]
-QWEN2 = Path("/work/shared/tokenizers/qwen2")
+QWEN2 = ROOT / "assets" / "tokenizers" / "qwen2"
 
 GOOD = [{"problem": "1+1?", "answer": "2"}, {"problem": "2+3?", "answer": 5},
         {"problem": "Find x.", "answer": "\\frac{1}{2}", "extra": [1]}]
