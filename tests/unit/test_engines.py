@@ -272,9 +272,19 @@ def test_offload_frees_gradient_buffers_and_training_continues_exactly(role):
         offloaded.forward_backward(_batch(), lambda o, mb: (_loss(o["log_probs"], o["entropy"], mb), {}))
     with pytest.raises(RuntimeError, match="onload"):
         offloaded.step()
+    with pytest.raises(RuntimeError, match="onload"):
+        offloaded.zero_grad()                          # would write through views of a freed buffer
     offloaded.onload()
     assert [b.grad_data.untyped_storage().size() for b in buffers] == sizes
     assert all(float(b.grad_data.abs().sum()) == 0.0 for b in buffers)
+    # the memory timeline releases parts one by one: the optimizer alone keeps the gradients
+    offloaded.offload(["optimizer"])
+    assert all(b.grad_data.untyped_storage().size() > 0 for b in buffers)
+    with pytest.raises(RuntimeError, match="optimizer offloaded"):
+        offloaded.step()
+    offloaded.onload(["optimizer"])
+    with pytest.raises(ValueError, match="expected a sequence of"):
+        offloaded.offload(["weights"])
 
 
 def _run_bench(*args: str, timeout: int = 300) -> dict:

@@ -174,13 +174,13 @@ class RolloutConfig:
     tensor_parallel_size: int = param(1, ge=1)
     """Tensor-parallel ranks of the vLLM engine (> 1 runs under torchrun via vLLM's external launcher)."""
     kv_cache_bytes: int | None = param(None, ge=1)
-    """KV-cache size in bytes per rank; required on CPU; null on GPU uses `gpu_memory_utilization`."""
+    """KV-cache size in bytes per rank; required on CPU; null on GPU: what the memory timeline's rollout phase leaves of `gpu_memory_utilization` of the GPU (tools/plan.py prints it)."""
     gpu_memory_utilization: float = param(0.5, gt=0, le=1)
-    """Fraction of GPU memory vLLM may use (weights + KV cache) when `kv_cache_bytes` is null."""
+    """Fraction of GPU memory the rollout phase may fill when `kv_cache_bytes` is null: vLLM's weights, KV cache and runtime plus what the training engines keep resident (their weights; everything without `trainer.offload_during_rollout`) and the reserved bytes (memory timeline, docs/ARCHITECTURE.md)."""
     sync_bucket_bytes: int = param(256 << 20, ge=1)
     """Bytes per bucket when the actor's weights are gathered into the rollout engine after an update."""
     sleep_level: int = param(0, ge=0, le=2)
-    """Colocation, GPU only (vLLM's sleep mode; ignored on CPU): after sampling the engine sleeps while the actor and critic train. 1 moves its weights to host memory and frees the KV cache; 2 frees both (the weight sync refills them); 0 keeps it resident."""
+    """Colocation, GPU only (vLLM's sleep mode; ignored on CPU): after sampling the engine sleeps while the actor and critic run. 1 moves its weights to host memory and frees the KV cache; 2 frees both in RL (the weight sync refills them; value pretraining sleeps at 1); 0 keeps it resident."""
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ class TrainerConfig:
     value_pretrain_min_delta: float = param(0.01, ge=0)
     """Smallest gain in explained variance that counts as an improvement for `value_pretrain_patience`."""
     offload_during_rollout: bool = False
-    """Colocation: free the actor's and critic's gradient buffers while vLLM generates; on GPU their optimizer state (Adam moments, fp32 master weights of bf16 models) also moves to host memory."""
+    """Colocation (memory timeline): each engine holds its gradient buffers and optimizer state only for its own update; in start-up, rollout, the forward passes, the sync and the other role's update it frees its gradient buffers and, on GPU with bf16 weights, moves its optimizer state (Adam moments, fp32 master weights) to host memory. Its weights stay on the GPU. Off: both engines keep everything resident."""
     num_steps: int = param(100, ge=0)
     """RL steps to run (phase 2)."""
     eval_problems: int = param(64, ge=1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from functools import partial
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,18 @@ from vcppo_megatron.engines.batching import MicroBatch, split_micro_batches
 from vcppo_megatron.models import build_gpt_model
 from vcppo_megatron.models.registry import hf_get
 from vcppo_megatron.parallel.groups import RoleLayout
+
+RELEASABLE = ("grads", "optimizer")
+"""What `offload` can release (the memory timeline's engine parts besides the weights)."""
+
+
+def _check_parts(parts: Sequence[str]) -> list[str]:
+    """The parts, checked against RELEASABLE."""
+    bad = [p for p in parts if p not in RELEASABLE]
+    if bad or isinstance(parts, str):
+        raise ValueError(f"offload / onload parts {parts!r}: expected a sequence of {RELEASABLE}")
+    return list(parts)
+
 
 # (outputs of the last stage for one micro-batch, the micro-batch) -> (loss share, additive metrics)
 LossFn = Callable[[dict[str, Tensor], dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
@@ -137,7 +149,7 @@ class EngineCore:
             wd_incr_style="constant")
         self._schedule = get_forward_backward_func(pp_size=layout.pp, vp_size=None)
         self._p2p = P2PCommunicator(pp_group=pgs.pp, config=self.config) if layout.pp > 1 else None
-        self.offloaded = False
+        self.released: set[str] = set()
 
     # ---- weights ----------------------------------------------------------------------------
     def load_megatron_state(self, full_state: dict[str, Tensor], *, tie_word_embeddings: bool) -> None:
@@ -224,13 +236,15 @@ class EngineCore:
 
     def zero_grad(self) -> None:
         """Zero DDP grad buffers and the optimizer's main grads."""
+        if "grads" in self.released:         # zeroing a freed buffer would write through its views
+            raise RuntimeError("zero_grad: the gradient buffers are offloaded; call onload() first")
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
 
     def step(self) -> dict[str, float]:
         """Optimizer step (grad clip inside) and LR schedule step: grad_norm, lr, stepped."""
-        if self.offloaded:
-            raise RuntimeError("step: the gradient buffers and optimizer state are offloaded; call onload() first")
+        if self.released:
+            raise RuntimeError(f"step: {' and '.join(sorted(self.released))} offloaded; call onload() first")
         stepped, grad_norm, _ = self.optimizer.step()
         if stepped:
             self.scheduler.step(increment=1)
@@ -239,30 +253,31 @@ class EngineCore:
                 "lr": float(lr), "stepped": bool(stepped)}
 
     # ---- colocation memory ------------------------------------------------------------------
-    def offload(self) -> None:
-        """Release training memory while the colocated rollout engine generates.
+    def offload(self, parts: Sequence[str] = RELEASABLE) -> None:
+        """Release training memory the colocated rollout engine or the other role may use.
 
-        The DDP gradient buffers are freed (their storage resized to 0; every view stays valid and
-        is zeroed on `onload`). On CUDA the optimizer's state and fp32 master weights move to host
-        memory as well (megatron-core's `offload_to_cpu`); with fp32 training weights the
-        distributed optimizer's master weights are views of the model's, so they stay put.
+        `grads`: the DDP gradient buffers are freed (their storage resized to 0; every view stays
+        valid and is zeroed on `onload`). `optimizer`: on CUDA the optimizer's state and fp32
+        master weights move to host memory (megatron-core's `offload_to_cpu`); with fp32 training
+        weights the distributed optimizer's master weights are views of the model's, so they stay
+        put, as does everything on CPU. The weights themselves always stay (memory timeline).
         """
-        if self.offloaded:
-            return
+        todo = [p for p in _check_parts(parts) if p not in self.released]
         cuda = torch.cuda.is_available()
-        self.model.offload_grad_buffers(synchronize=cuda, empty_cache=cuda)
-        if self._offloads_optimizer_state():
+        if "grads" in todo:
+            self.model.offload_grad_buffers(synchronize=cuda, empty_cache=cuda)
+        if "optimizer" in todo and self._offloads_optimizer_state():
             self.optimizer.offload_to_cpu()
-        self.offloaded = True
+        self.released.update(todo)
 
-    def onload(self) -> None:
-        """Undo `offload` before the next forward / backward pass (gradients come back as zeros)."""
-        if not self.offloaded:
-            return
-        if self._offloads_optimizer_state():
+    def onload(self, parts: Sequence[str] = RELEASABLE) -> None:
+        """Bring back what `offload(parts)` released (gradients come back as zeros)."""
+        todo = [p for p in _check_parts(parts) if p in self.released]
+        if "optimizer" in todo and self._offloads_optimizer_state():
             self.optimizer.restore_from_cpu()
-        self.model.restore_grad_buffers(synchronize=torch.cuda.is_available())
-        self.offloaded = False
+        if "grads" in todo:
+            self.model.restore_grad_buffers(synchronize=torch.cuda.is_available())
+        self.released.difference_update(todo)
 
     def _offloads_optimizer_state(self) -> bool:
         """Optimizer state moves to host on CUDA only, and not with fp32 weights (views, see offload)."""
@@ -284,7 +299,7 @@ class EngineCore:
         """
         if loss_fn is None and not forward_only:
             raise ValueError("forward_backward: loss_fn=None is only allowed with forward_only=True")
-        if self.offloaded and not forward_only:
+        if "grads" in self.released and not forward_only:
             raise RuntimeError("forward_backward: the gradient buffers are offloaded; call onload() first")
         micro = split_micro_batches(batch, self.max_tokens_per_micro_batch, self.seq_multiple)
         if self.device.type != "cpu":                    # callers hand over host tensors
@@ -372,10 +387,10 @@ class Engine(abc.ABC):
         """Eval-mode, no-grad context."""
         return self.core.eval_mode()
 
-    def offload(self) -> None:
-        """Free gradient buffers (and on CUDA move optimizer state to host) during generation."""
-        self.core.offload()
+    def offload(self, parts: Sequence[str] = RELEASABLE) -> None:
+        """Free gradient buffers and / or (on CUDA) move optimizer state to host (colocation)."""
+        self.core.offload(parts)
 
-    def onload(self) -> None:
-        """Bring back what `offload` released."""
-        self.core.onload()
+    def onload(self, parts: Sequence[str] = RELEASABLE) -> None:
+        """Bring back what `offload(parts)` released."""
+        self.core.onload(parts)

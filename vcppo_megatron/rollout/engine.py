@@ -93,11 +93,15 @@ class RolloutEngine:
     """
 
     def __init__(self, model_dir: str | Path, config: RolloutConfig, *, seed: int,
-                 pad_token_id: int = 0, enable_sleep_mode: bool = False) -> None:
+                 pad_token_id: int = 0, enable_sleep_mode: bool = False,
+                 gpu_memory_fraction: float | None = None) -> None:
         """Start the engine; `max_model_len` = `max_prompt_tokens` + `max_response_tokens`.
 
         `enable_sleep_mode` lets `sleep` / `wake_up` release GPU memory between rollouts (vLLM's
         CuMem allocator; GPU only: on CPU the engine starts without it and they do nothing).
+        `gpu_memory_fraction`: with `kv_cache_bytes` set on a GPU, vLLM's own share of the GPU
+        (weights + KV cache + runtime), which vLLM checks against the free memory at start
+        (the trainer passes the memory timeline's; without it vLLM assumes 0.9 of the GPU is free).
         """
         self.model_dir = Path(model_dir)
         self.config = config
@@ -118,6 +122,8 @@ class RolloutEngine:
             logprobs_mode=LOGPROBS_MODE, enforce_eager=self.on_cpu)
         if config.kv_cache_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = config.kv_cache_bytes
+            if gpu_memory_fraction is not None and not self.on_cpu:
+                kwargs["gpu_memory_utilization"] = gpu_memory_fraction
         else:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         if config.tensor_parallel_size > 1:
@@ -222,7 +228,9 @@ class RolloutEngine:
         """Free the engine's GPU memory for training; False (a no-op) without sleep mode or on CPU.
 
         level 1 drops the KV cache and offloads the weights to host memory; level 2 discards both:
-        then `wake_up(["weights"])`, `update_weights(...)`, `wake_up(["kv_cache"])` (untested here).
+        then `wake_up(["weights"])`, `update_weights(...)`, `wake_up(["kv_cache"])`. The trainer
+        calls these through `trainer/colocation.py`, in the order of the memory timeline (tested
+        on CPU with a recording stand-in; vLLM's sleep mode itself has not run on a GPU here).
         """
         if not self.sleep_mode:
             return False

@@ -47,6 +47,7 @@ from vcppo_megatron.data.prompts import PromptOrder
 from vcppo_megatron.engines import PolicyEngine, ValueEngine
 from vcppo_megatron.logging import MetricWriter, ProgressLine
 from vcppo_megatron.parallel.groups import build_role_groups
+from vcppo_megatron.parallel.memory_timeline import Timeline
 from vcppo_megatron.rollout import RolloutEngine
 from vcppo_megatron.rollout.sync import (
     hf_weight_buckets,
@@ -54,7 +55,7 @@ from vcppo_megatron.rollout.sync import (
     sync_to_rollout,
 )
 from vcppo_megatron.trainer import setup
-from vcppo_megatron.trainer.colocation import Colocation
+from vcppo_megatron.trainer.colocation import Colocation, rollout_memory
 from vcppo_megatron.trainer.evaluation import sampling
 from vcppo_megatron.trainer.experience import (
     build_experience,
@@ -326,12 +327,14 @@ class Trainer:
             t = time.perf_counter()
             actor_batch = dict(batch, old_log_probs=old_lp * exp.loss_mask, advantages=exp.to_full(adv_r))
             gen = torch.Generator().manual_seed(self._step_seed(phase, step) + 1)
+            self.colocation.updating("actor")
             results["actor"] = ppo_update(self.actor, actor_batch, lambda c: actor_loss_fn(algo, c),
                                           epochs=algo.ppo_epochs, mini_batches=mini, generator=gen,
                                           dp_group=self.actor_pgs.dp)
             times["actor_update"] = time.perf_counter() - t
         t = time.perf_counter()
         gen = torch.Generator().manual_seed(self._step_seed(phase, step) + 2)
+        self.colocation.updating("critic")
         results["critic"] = ppo_update(self.critic, batch, lambda c: critic_loss_fn(algo, c),
                                        epochs=algo.ppo_epochs, mini_batches=mini, generator=gen,
                                        dp_group=self.critic_pgs.dp)
@@ -490,11 +493,15 @@ class Trainer:
                     self._load_value_checkpoint(tc.value_checkpoint)
                     self.state["phase"] = "rl"
                 self._save(0, actor=True)
-            self.rollout = RolloutEngine(self.model_dir, cfg.rollout, seed=tc.seed,
-                                         pad_token_id=self.tokenizer.pad_token_id,
-                                         enable_sleep_mode=cfg.rollout.sleep_level > 0)
-            self.colocation = Colocation(self.rollout, [self.actor, self.critic], sleep_level=cfg.rollout.sleep_level,
-                                         offload=tc.offload_during_rollout)
+            # start-up order (memory timeline): the engines release their gradients and optimizer
+            # state, then vLLM starts beside their weights with a KV cache sized by the plan
+            rollout_cfg, vllm_share, line = rollout_memory(cfg, self.hf_config, self.world)
+            if line:
+                self._print(line)
+            self.colocation = Colocation(Timeline.from_config(cfg), {"actor": self.actor, "critic": self.critic})
+            self.rollout = self.colocation.start_rollout(lambda: RolloutEngine(
+                self.model_dir, rollout_cfg, seed=tc.seed, pad_token_id=self.tokenizer.pad_token_id,
+                enable_sleep_mode=cfg.rollout.sleep_level > 0, gpu_memory_fraction=vllm_share))
             self._sync_rollout()
             if self.state["phase"] == "value_pretrain":
                 if tc.value_pretrain_steps and not self._phase_loop("value_pretrain", tc.value_pretrain_steps,
