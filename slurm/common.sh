@@ -68,6 +68,9 @@ echo "job $JOB_ID ($JOB_NAME) restart $RESTART_COUNT: $NUM_NODES nodes x $GPUS_P
      "master $MASTER_ADDR:$MASTER_PORT, recipe $RECIPE, run dir $RUN_DIR" | tee -a "$LOG"
 
 # ---- checkpoint-then-requeue: sbatch --signal=B:USR1@SECONDS delivers USR1 to this shell ----
+# SECONDS is the preemption margin: one step + a checkpoint + exit (tools/plan.py prints it per
+# recipe; slurm/README.md gives the formula). The trainer polls the signal between steps.
+EXIT_CHECKPOINTED=3          # vcppo_megatron/train.py: stopped by SIGTERM / SIGUSR1 after a checkpoint
 PREEMPTED=0
 # shellcheck disable=SC2329  # invoked by the trap below
 on_usr1() {
@@ -90,12 +93,17 @@ while true; do
   break
 done
 
-if [[ "$PREEMPTED" == 1 ]]; then
+# Requeue when this shell forwarded USR1, or when the trainer says it stopped after writing a
+# checkpoint (exit 3: SIGTERM / SIGUSR1 reached the tasks some other way, e.g. scancel --signal
+# or a preemption's SIGTERM); any other status ends the job with that status.
+if [[ "$PREEMPTED" == 1 || "$STATUS" == "$EXIT_CHECKPOINTED" ]]; then
   if (( RESTART_COUNT >= MAX_REQUEUES )); then
     echo "not requeueing: restart $RESTART_COUNT reached MAX_REQUEUES=$MAX_REQUEUES" | tee -a "$LOG"
     exit 1
   fi
-  echo "$(date -u +%FT%TZ) trainer exited with $STATUS after USR1; requeueing job $JOB_ID" | tee -a "$LOG"
+  WHY="after USR1"
+  if [[ "$PREEMPTED" != 1 ]]; then WHY="(checkpoint written, stopped by a signal)"; fi
+  echo "$(date -u +%FT%TZ) trainer exited with $STATUS $WHY; requeueing job $JOB_ID" | tee -a "$LOG"
   scontrol requeue "$JOB_ID"
   exit 0
 fi

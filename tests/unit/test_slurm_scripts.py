@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -45,12 +46,39 @@ def test_scripts_request_the_cluster_features():
         for needle in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                        "#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "source \"$REPO_DIR/slurm/common.sh\""):
             assert needle in text, (script.name, needle)
-        recipe = text.split("examples/")[1].split("}")[0]
-        assert (ROOT / "examples" / recipe).is_file(), recipe
+        recipe = _recipe_of(text)
+        assert recipe.is_file(), recipe
     common = (ROOT / "slurm" / "common.sh").read_text()
     for needle in ("--container-image", "--container-mounts", "scontrol requeue", "NCCL_", "tensorboard",
                    'trainer.output_dir="$RUN_DIR" "$@"'):
         assert needle in common, needle
+
+
+def _recipe_of(text: str) -> Path:
+    """The default recipe of an sbatch script (its RECIPE line)."""
+    return ROOT / "examples" / re.search(r'RECIPE="\$\{RECIPE:-\$REPO_DIR/examples/([^}]+)\}"', text).group(1)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_signal_margin_covers_a_step_and_a_checkpoint(script):
+    """--signal=B:USR1@SECONDS is at least the margin tools/plan.py derives for the script's recipe on its
+    nodes (longest step + ~0.9 TB checkpoint + exit), and the script's comment points there."""
+    from vcppo_megatron.config import load_config
+    from vcppo_megatron.parallel.memory_plan import ModelShape
+    from vcppo_megatron.parallel.preemption import preemption_margin
+
+    text = script.read_text()
+    seconds = int(re.search(r"#SBATCH --signal=B:USR1@(\d+)\n", text).group(1))
+    nodes = int(re.search(r"#SBATCH --nodes=(\d+)", text).group(1))
+    gpus = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", text).group(1))
+    shape = ModelShape.from_hf(json.loads((ROOT / "examples" / "models" / "Qwen2.5-32B" / "config.json").read_text()))
+    margin = preemption_margin(load_config(_recipe_of(text)), nodes * gpus, sum(shape.params(lm_head=True)),
+                               sum(shape.params(lm_head=False)))
+    assert seconds >= margin.seconds, (script.name, seconds, margin.describe())
+    assert margin.checkpoint_bytes > 0.85e12 and margin.seconds > 900       # the old 15 minutes did not cover it
+    assert "tools/plan.py" in text
+    time_limit = re.search(r"#SBATCH --time=(\d+):00:00", text).group(1)
+    assert seconds < int(time_limit) * 3600 / 10, "the margin should leave most of the job to training"
 
 
 _FAKE_SRUN = """#!{python}
@@ -134,6 +162,28 @@ def test_simulated_slurm_job_runs_two_tasks_and_requeues_on_usr1(tmp_path):
     fake_log = (tmp_path / "fake.log").read_text()
     assert "scontrol requeue 777" in fake_log and "--ntasks-per-node=1" in fake_log
     assert "requeueing job 777" in (run_dir / "logs" / "restart0.log").read_text()
+
+
+@pytest.mark.parametrize("code, requeued", [(3, True), (2, False), (0, False)])
+def test_simulated_job_requeues_when_the_trainer_exits_after_a_checkpoint(tmp_path, code, requeued):
+    """The trainer's exit 3 (stopped by SIGTERM / SIGUSR1 after writing a checkpoint) requeues the job
+    even when the batch shell itself saw no USR1; other statuses end it with that status."""
+    script = SCRIPTS[1]
+    (tmp_path / "stopped_trainer.py").write_text(f"import sys\nsys.exit({code})\n")
+    env = _fake_slurm_env(tmp_path, script)
+    env.update(SLURM_JOB_ID="778", SLURM_JOB_NAME="vapo-test", SLURM_JOB_NUM_NODES="1",
+               SLURM_JOB_NODELIST="localhost", GPUS_PER_NODE="2", VENV=str(Path(sys.executable).parents[1]),
+               RUN_ROOT=str(tmp_path / "runs"), TRAIN_MODULE="stopped_trainer", PYTHONPATH=str(tmp_path))
+    out = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "runs" / "vapo-test-778" / "logs" / "restart0.log").read_text()
+    fake_log = (tmp_path / "fake.log").read_text()
+    if requeued:
+        assert out.returncode == 0, out.stdout + out.stderr + log
+        assert "scontrol requeue 778" in fake_log
+        assert "trainer exited with 3 (checkpoint written, stopped by a signal); requeueing job 778" in log, log
+    else:
+        assert out.returncode == code and "scontrol requeue" not in fake_log, out.stdout + log
+        assert f"trainer exited with {code}" in log, log
 
 
 def _fake_slurm_env(tmp_path: Path, script: Path) -> dict[str, str]:
