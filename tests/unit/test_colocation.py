@@ -191,7 +191,8 @@ def _record_engines(monkeypatch, led: Ledger) -> None:
 WALK = ["trainer.sft_steps=0", "trainer.value_pretrain_steps=1", "trainer.num_steps=2", "trainer.eval_problems=4",
         "trainer.eval_samples=1", "trainer.eval_every_steps=1", "trainer.checkpoint_interval=1",
         "batch.global_prompts_per_step=4", "batch.samples_per_prompt=2", "batch.global_mini_batch_size=8",
-        "batch.micro_batch_size=8", "rollout.max_response_tokens=12", "data.synthetic_max_operands=2"]
+        "batch.micro_batch_size=8", "rollout.max_response_tokens=12", "data.synthetic_max_operands=2",
+        "trainer.keep_last_checkpoints=2"]
 
 
 @pytest.mark.parametrize("settings", [
@@ -232,6 +233,12 @@ def test_trainer_colocation_calls_follow_the_memory_timeline(tmp_path, monkeypat
         assert released == {("actor", ("grads", "optimizer")), ("critic", ("grads", "optimizer"))}, released
     else:
         assert released == set(), released
+    # retention (trainer.keep_last_checkpoints=2) after each save: critic 0 goes; critic 1 (the end of
+    # value pretraining) stays, and so does actor 0, which critic 1 names
+    from vcppo_megatron.checkpoint.retention import list_checkpoints
+    ckpt = tmp_path / "checkpoints"
+    assert [s for s, _ in list_checkpoints(ckpt / "critic")] == [1, 2, 3]
+    assert [s for s, _ in list_checkpoints(ckpt / "actor")] == [0, 2, 3]
     if "rollout.sleep_level=2" in settings:         # these are the 32B recipes' settings: same timeline
         for recipe in RECIPES:
             assert Timeline.from_config(load_config(recipe)) == timeline, recipe

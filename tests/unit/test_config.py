@@ -71,6 +71,12 @@ def test_untouched_sections_keep_their_role_defaults():
     assert cfg.critic.optim.lr == 2e-6 and cfg.actor.optim.lr == 1e-6
 
 
+def test_list_fields_take_yaml_lists():
+    cfg = load_config(None, ["trainer.keep_checkpoint_steps=[50, 100, 150]", "trainer.keep_last_checkpoints=null"])
+    assert cfg.trainer.keep_checkpoint_steps == (50, 100, 150) and cfg.trainer.keep_last_checkpoints is None
+    assert load_config(None).trainer.keep_checkpoint_steps == ()
+
+
 @pytest.mark.parametrize("override, fragments", [
     ("algo.lam_acter=0.99", ["algo.lam_acter", "0.99", "did you mean 'algo.lam_actor'"]),
     ("batch.global_mini_batch=64", ["batch.global_mini_batch", "did you mean 'batch.global_mini_batch_size'"]),
@@ -84,6 +90,9 @@ def test_untouched_sections_keep_their_role_defaults():
     ("algo.gamma=abc", ["algo.gamma", "'abc'", "a number"]),
     ("algo=1", ["'algo'", "section"]),
     ("lam_actor", ["KEY=VALUE"]),
+    ("trainer.keep_checkpoint_steps=50", ["trainer.keep_checkpoint_steps", "50", "a list of integers"]),
+    ("trainer.keep_checkpoint_steps=[50, x]", ["trainer.keep_checkpoint_steps[1]", "'x'", "an integer"]),
+    ("trainer.keep_checkpoint_steps=[-5]", ["trainer.keep_checkpoint_steps[0]", "-5", ">= 0"]),
 ])
 def test_bad_values_fail_with_key_value_and_expectation(override, fragments):
     with pytest.raises(ConfigError) as err:

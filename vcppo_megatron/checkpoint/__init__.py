@@ -8,6 +8,7 @@ from vcppo_megatron.checkpoint.convert import (
 )
 from vcppo_megatron.checkpoint.dist import (
     CheckpointError,
+    CheckpointReadError,
     load_checkpoint,
     read_checkpoint_meta,
     resolve_checkpoint_dir,
@@ -26,7 +27,7 @@ from vcppo_megatron.checkpoint.hf_weights import (
     tp_shard,
 )
 
-__all__ = ["HF_SUBDIR", "CheckpointError", "ConversionError", "convert_hf_to_megatron", "convert_megatron_to_hf",
+__all__ = ["HF_SUBDIR", "CheckpointError", "CheckpointReadError", "ConversionError", "convert_hf_to_megatron", "convert_megatron_to_hf",
            "copy_hf_files",
            "hf_sources", "hf_to_megatron", "hf_to_megatron_param", "interleave_qkv", "load_checkpoint",
            "load_into_model", "megatron_to_hf", "pp_stage", "read_checkpoint_meta", "resolve_checkpoint_dir",

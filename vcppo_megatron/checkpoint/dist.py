@@ -38,8 +38,10 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
 from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -52,6 +54,11 @@ OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or incompatible with the requested load."""
+
+
+class CheckpointReadError(CheckpointError):
+    """A checkpoint's files cannot be read (missing, truncated or corrupt), as opposed to one that
+    reads fine but does not fit the requested load; the message names the step directory and file."""
 
 
 def step_dir_name(step: int) -> str:
@@ -221,17 +228,50 @@ def read_checkpoint_meta(step_dir: str | os.PathLike) -> dict[str, Any]:
     try:
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {step_dir}: {META_FILE} is missing") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {step_dir}: {META_FILE} is corrupt ({e})") from None
+        raise CheckpointReadError(f"checkpoint {step_dir}: {META_FILE} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointReadError(f"checkpoint {step_dir}: {META_FILE} is corrupt ({e})") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {step_dir}: format_version={meta.get('format_version')!r}, "
                               f"expected {FORMAT_VERSION}")
     for name in ("metadata.json", ".metadata"):
         if not (step_dir / name).is_file():
-            raise CheckpointError(f"checkpoint {step_dir}: dist checkpoint file {name!r} is missing "
-                                  f"(incomplete or corrupt checkpoint)")
+            raise CheckpointReadError(f"checkpoint {step_dir}: dist checkpoint file {name!r} is missing "
+                                      f"(incomplete or corrupt checkpoint)")
     return meta
+
+
+def verify_checkpoint_files(step_dir: str | os.PathLike) -> None:
+    """Check, without loading tensors, that every file of a step directory is there and long enough.
+
+    Reads the dist checkpoint's `.metadata` (where each tensor lies: file, offset, length) and compares
+    with the files' sizes; raises CheckpointReadError naming the step directory and the first bad file.
+    Catches a truncated or missing shard (an interrupted copy, a full disk) before a collective load.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    step_dir = Path(step_dir)
+    meta = read_checkpoint_meta(step_dir)
+    try:
+        storage = FileSystemReader(str(step_dir)).read_metadata().storage_data
+    except Exception as e:  # noqa: BLE001 - any failure to parse it means the file is unreadable
+        raise CheckpointReadError(f"checkpoint {step_dir}: file '.metadata' cannot be read "
+                                  f"({type(e).__name__}: {e})") from None
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(needed.items()):
+        path = step_dir / name
+        size = path.stat().st_size if path.is_file() else None
+        if size is None or size < end:
+            found = "missing" if size is None else f"truncated: {size} bytes, its tensors end at byte {end}"
+            raise CheckpointReadError(f"checkpoint {step_dir}: file {name!r} is {found}")
+    files = ["common.pt", TRAINING_STATE_FILE]
+    if meta["contents"].get("rng"):
+        files += [f"rng/rank_{r:05d}.pt" for r in range(meta["layout"]["world_size"])]
+    for name in files:
+        if not (step_dir / name).is_file() or (step_dir / name).stat().st_size == 0:
+            raise CheckpointReadError(f"checkpoint {step_dir}: file {name!r} is missing or empty")
 
 
 def _check_compatible(step_dir: Path, meta: Mapping[str, Any], layout: Mapping[str, int], *,
@@ -289,11 +329,14 @@ def load_checkpoint(
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                           metadata=dict(meta["contents"]["optimizer_sharding"]))
+    verify_checkpoint_files(step_dir)
     try:
         loaded = dist_checkpointing.load(state, str(step_dir),
                                          sharded_strategy=get_default_load_sharded_strategy(str(step_dir)))
-    except Exception as e:  # noqa: BLE001 - re-raised with the checkpoint path
+    except CheckpointingException as e:             # megatron's validation: the checkpoint does not fit
         raise CheckpointError(f"checkpoint {step_dir}: loading failed: {type(e).__name__}: {e}") from e
+    except (Exception, DcpCheckpointException) as e:  # noqa: BLE001 - torch's read errors are BaseExceptions
+        raise CheckpointReadError(f"checkpoint {step_dir}: a file cannot be read: {_read_failure(e)}") from e
     missing, _ = unwrap_model(model).load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:
@@ -310,12 +353,34 @@ def load_checkpoint(
     if load_rng:
         rng_file = step_dir / "rng" / f"rank_{dist.get_rank():05d}.pt"
         if not rng_file.is_file():
-            raise CheckpointError(f"checkpoint {step_dir}: RNG state file {rng_file.name} is missing")
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+            raise CheckpointReadError(f"checkpoint {step_dir}: RNG state file {rng_file.name} is missing")
+        try:
+            rng = torch.load(rng_file, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - EOFError, UnpicklingError, zip errors: all unreadable
+            raise CheckpointReadError(f"checkpoint {step_dir}: file 'rng/{rng_file.name}' cannot be read "
+                                      f"({type(e).__name__}: {e})") from None
+        _set_rng_state(rng)
+    return read_training_state(step_dir)
+
+
+def read_training_state(step_dir: str | os.PathLike) -> dict[str, Any]:
+    """The trainer's state saved with a checkpoint (training_state.json)."""
+    step_dir = Path(step_dir)
     try:
         return json.loads((step_dir / TRAINING_STATE_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {step_dir}: {TRAINING_STATE_FILE} is missing or corrupt ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointReadError(f"checkpoint {step_dir}: file {TRAINING_STATE_FILE!r} is missing or corrupt "
+                                  f"({e})") from None
+
+
+def _read_failure(e: BaseException) -> str:
+    """One line for a dist_checkpointing read failure; torch's CheckpointException wraps each rank's."""
+    failures = getattr(e, "failures", None)      # {rank: (exception, traceback summary)}
+    if failures:
+        excs = {rank: exc[0] if isinstance(exc, tuple) else exc for rank, exc in failures.items()}
+        inner = [f"rank {rank}: {type(exc).__name__}: {exc}".rstrip(": ") for rank, exc in sorted(excs.items())]
+        return "; ".join(inner[:4]) + (f" (and {len(inner) - 4} more ranks)" if len(inner) > 4 else "")
+    return f"{type(e).__name__}: {e}".rstrip(": ")
 
 
 def _init_optimizer_states(optimizer: Any) -> None:

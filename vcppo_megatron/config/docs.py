@@ -30,6 +30,8 @@ def _default_text(value: object) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_default_text(v) for v in value) + "]"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 

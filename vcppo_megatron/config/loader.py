@@ -151,6 +151,8 @@ def _describe(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _describe(a)
                            for a in typing.get_args(hint))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0]).split(' ', 1)[1]}s"
     return {int: "an integer", float: "a number", bool: "true or false",
             str: "a string"}.get(hint, str(hint))
 
@@ -170,6 +172,9 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
     elif origin is Literal:
         if value in typing.get_args(hint):
             return value
+    elif origin is tuple:                     # tuple[X, ...]: a YAML list of X
+        if isinstance(value, (list, tuple)):
+            return tuple(_check_value(f"{key}[{i}]", v, typing.get_args(hint)[0]) for i, v in enumerate(value))
     elif hint is bool:
         if isinstance(value, bool):
             return value
@@ -189,6 +194,10 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
 
 def _check_bounds(key: str, value: Any, bounds: dict[str, float]) -> None:
     if value is None or not bounds:
+        return
+    if isinstance(value, tuple):              # bounds apply to each element of a list
+        for i, v in enumerate(value):
+            _check_bounds(f"{key}[{i}]", v, bounds)
         return
     failed = (("ge" in bounds and value < bounds["ge"]) or ("gt" in bounds and value <= bounds["gt"])
               or ("le" in bounds and value > bounds["le"]) or ("lt" in bounds and value >= bounds["lt"]))

@@ -251,6 +251,10 @@ class TrainerConfig:
     """Optimizer state in checkpoints: `dp_reshardable` (fully parallel save; resumes at the same TP / PP) or `fully_reshardable` (resumes at any TP / PP / DP; the save gathers each model shard's optimizer state over data parallelism, 12 bytes per parameter of the shard)."""
     value_checkpoint: str | None = None
     """Critic checkpoint (a checkpoint root or a step directory) to start RL from; skips value pretraining."""
+    keep_last_checkpoints: int | None = param(3, ge=0)
+    """Checkpoint retention: after each save keep the newest N readable checkpoints per role (actor, critic) and delete older ones (~0.9 TB per actor + critic checkpoint at 32B); 0 or null keeps all. Never deleted: the steps in `keep_checkpoint_steps`, the end of value pretraining, the actor checkpoints that kept critic checkpoints pair with, and unreadable ones set aside at resume (`step_*.unreadable`)."""
+    keep_checkpoint_steps: tuple[int, ...] = param((), ge=0)
+    """Global steps whose checkpoints retention never deletes, e.g. value-pretraining checkpoints to start other runs from with `value_checkpoint` (VC-PPO ablates 50 / 100 / 150 steps)."""
     eval_every_steps: int = param(0, ge=0)
     """RL steps between sampled evaluations on the held-out set (avg@k, pass@k); 0: only before and after RL."""
     eval_samples: int = param(32, ge=1)

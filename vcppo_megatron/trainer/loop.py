@@ -39,8 +39,8 @@ from vcppo_megatron.checkpoint.dist import (
     read_checkpoint_meta,
     resolve_checkpoint_dir,
     save_checkpoint,
-    step_dir_name,
 )
+from vcppo_megatron.checkpoint.retention import prune_paired, resume_paired
 from vcppo_megatron.config import derive_batch_sizes
 from vcppo_megatron.config.schema import Config
 from vcppo_megatron.data.prompts import PromptOrder
@@ -215,15 +215,21 @@ class Trainer:
                         model_config=self.critic.hf_config, optimizer_format=fmt)
         self._print(f"== checkpoint step {global_step} ({state['phase']} step {state['phase_step']}) "
                     f"saved in {time.perf_counter() - t0:.1f}s under {self.ckpt_root}")
+        self._prune_checkpoints()
 
     def _resume(self) -> bool:
-        """Load the latest checkpoint under output_dir; False when there is none."""
-        if not (self.ckpt_root / "critic" / "latest").is_file():
+        """Load the newest checkpoint pair under output_dir that reads; False when there is none.
+
+        The critic checkpoint names its actor checkpoint (`actor_step`); an unreadable pair is
+        reported, set aside as `step_N.unreadable` and the next older one tried (checkpoint/retention.py).
+        """
+        found = resume_paired(self.ckpt_root / "critic", self.ckpt_root / "actor",
+                              lambda d: _load_engine(d, self.critic, self.critic_pgs, self.critic.hf_config),
+                              lambda d: _load_engine(d, self.actor, self.actor_pgs, self.hf_config),
+                              log=lambda text: print(text, flush=True))
+        if found is None:
             return False
-        critic_dir = resolve_checkpoint_dir(self.ckpt_root / "critic")
-        state = _load_engine(critic_dir, self.critic, self.critic_pgs, self.critic.hf_config)
-        actor_dir = self.ckpt_root / "actor" / step_dir_name(state["actor_step"])
-        _load_engine(actor_dir, self.actor, self.actor_pgs, self.hf_config)
+        state, critic_dir, actor_dir = found
         self.order.load_state_dict(state["data"])
         self.summary = dict(state["summary"])
         self.state = {k: state[k] for k in ("phase", "phase_step", "actor_step", "ev_best", "ev_since")}
@@ -231,11 +237,25 @@ class Trainer:
                     f"{self.state['phase_step']} steps done")
         return True
 
+    def _prune_checkpoints(self) -> None:
+        """Checkpoint retention after a save (rank 0): trainer.keep_last_checkpoints, keep_checkpoint_steps."""
+        tc = self.cfg.trainer
+        if self.rank != 0 or not tc.keep_last_checkpoints:
+            return
+        protect = set(tc.keep_checkpoint_steps) | ({tc.value_pretrain_steps} if tc.value_pretrain_steps else set())
+        deleted = prune_paired(self.ckpt_root / "critic", self.ckpt_root / "actor", tc.keep_last_checkpoints,
+                               protect)
+        if deleted:
+            print(f"== checkpoint retention (trainer.keep_last_checkpoints = {tc.keep_last_checkpoints}): deleted "
+                  + ", ".join(f"{p.parent.name}/{p.name}" for p in deleted), flush=True)
+
     def _load_value_checkpoint(self, path: str) -> None:
-        """Start RL from a chosen value-pretraining checkpoint (weights only)."""
-        load_checkpoint(path, model=self.critic.core.model, pg_collection=self.critic_pgs, load_rng=False,
+        """Start RL from a chosen value-pretraining checkpoint (weights only; an unreadable file is named)."""
+        step_dir = resolve_checkpoint_dir(path)
+        load_checkpoint(step_dir, model=self.critic.core.model, pg_collection=self.critic_pgs, load_rng=False,
                         model_config=self.critic.hf_config)
         self.critic.core.optimizer.reload_model_params()
+        self._print(f"== critic from the value checkpoint {step_dir} (trainer.value_checkpoint)")
 
     # ---- phase 0: SFT cold start -----------------------------------------------------------
     def _sft(self) -> None:
