@@ -10,6 +10,7 @@ cache is emptied before vLLM allocates, and that the priced 32B timeline peaks u
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -355,3 +356,41 @@ def test_bad_arguments_are_named(ledger):
     with pytest.raises(RuntimeError, match="start_rollout first"):
         col.wake()
     assert STEPS["rl"][-1] == "sync"
+
+
+def test_gpu_start_up_sizes_the_kv_cache_from_the_timeline(tmp_path, monkeypatch):
+    """On a GPU (simulated: CUDA queries answered for an 80 GiB device, vLLM.LLM recorded) the trainer's
+    start-up derives the KV cache from the timeline and tells vLLM its own share of the GPU; without
+    that share vLLM would check 0.9 x 80 GiB of free memory beside the engines' weights and refuse."""
+    import sys
+    import types
+
+    from test_rollout import build_model_dir
+    from vcppo_megatron.rollout import RolloutEngine
+    from vcppo_megatron.rollout import engine as engine_module
+
+    cfg = load_config(RECIPES[1])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * GIB, 80 * GIB))
+    rollout_cfg, share, line = colocation_module.rollout_memory(cfg, QWEN32B, world=64)
+    plan = make_plan(cfg, QWEN32B, nodes=8, gpus_per_node=8)
+    assert rollout_cfg.kv_cache_bytes == int(plan.kv_cache_bytes) and share == pytest.approx(plan.vllm_fraction)
+    assert cfg.rollout.kv_cache_bytes is None and "KV cache 29.7 GiB per GPU" in line, line
+    # vLLM's share + the engines' weights + runtime + reserved = the rollout phase = 0.85 of the GPU
+    rollout = plan.row("rl", "rollout").gpu
+    assert share * 80 * GIB + rollout["actor.weights"] + rollout["critic.weights"] + rollout["reserved"] \
+        == pytest.approx(0.85 * 80 * GIB)
+
+    calls = []                                   # a stand-in vllm: a GPU platform and a recording LLM
+    fake = types.SimpleNamespace(LLM=lambda **kw: calls.append(kw))
+    platforms = types.SimpleNamespace(current_platform=types.SimpleNamespace(is_cpu=lambda: False))
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+    monkeypatch.setattr(engine_module, "_import_vllm", lambda: fake)
+    build_model_dir(tmp_path)
+    small = dataclasses.replace(rollout_cfg, max_prompt_tokens=8, max_response_tokens=8)
+    RolloutEngine(tmp_path, small, seed=0, enable_sleep_mode=True, gpu_memory_fraction=share)
+    assert calls[0]["kv_cache_memory_bytes"] == rollout_cfg.kv_cache_bytes
+    assert calls[0]["gpu_memory_utilization"] == share and calls[0]["enable_sleep_mode"] is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert colocation_module.rollout_memory(cfg, QWEN32B, world=64)[0] is cfg.rollout      # CPU: unchanged
