@@ -344,3 +344,46 @@ def test_bench_train_gpu_chunked_head_saves_memory():
     res = _run_bench("--device", "cuda", "--tiny", "--head-tokens", "8192")
     assert res["tokens_per_s"] > 0 and res["peak_mem_step_mib"] > 0
     assert res["head_peak_ratio_chunked_over_unchunked"] < 0.5
+
+
+def part_bytes(eng) -> dict[str, int]:
+    """Bytes of an engine's tensors by memory-timeline part: weights, gradient buffers, optimizer state."""
+    core = eng.core
+    chained = getattr(core.optimizer, "chained_optimizers", [core.optimizer])
+    return {
+        "weights": sum(p.numel() * p.element_size() for p in core.raw_model.parameters()),
+        "grads": sum(b.grad_data.numel() * b.grad_data.element_size() for b in core.model.buffers),
+        "optimizer": sum(p.numel() * p.element_size() for o in chained for g in o.optimizer.param_groups
+                         for p in g["params"])
+        + sum(t.numel() * t.element_size() for o in chained for st in o.optimizer.state.values()
+              for t in st.values() if torch.is_tensor(t) and t.numel() > 1)}
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "qwen2_untied"])
+def test_memory_plan_bytes_match_the_engines_tensors(role, name):
+    """The memory timeline's bytes per part (parallel/memory_plan.py: bf16 weights 2 B/param, fp32
+    gradient buffer 4 B, fp32 master + Adam moments 12 B) against a real bf16 engine after a step."""
+    from vcppo_megatron.config import load_config
+    from vcppo_megatron.parallel.memory_plan import GIB, timeline_plan
+
+    hf = tiny_hf_model(name)
+    pgs, layout = role
+    engines = {"actor": _policy(role, hf, params_dtype=torch.bfloat16),
+               "critic": ValueEngine(hf.config, pgs, layout, optim=OptimConfig(lr=1e-3),
+                                     params_dtype=torch.bfloat16)}
+    batch = _batch()
+    for eng in engines.values():
+        eng.zero_grad()
+        with eng.train_mode():
+            eng.forward_backward(batch, lambda o, mb: (sum(v.float().sum() for v in o.values()) * 0.0, {}))
+        eng.step()                                    # Adam's moments exist from the first step on
+    cfg = load_config(None, ["rollout.kv_cache_bytes=1048576", "rollout.max_prompt_tokens=4",
+                             "rollout.max_response_tokens=4", "batch.global_prompts_per_step=1",
+                             "batch.samples_per_prompt=1", "batch.global_mini_batch_size=1"])
+    plan = timeline_plan(cfg, hf.config.to_dict(), world=1, gpu_bytes=80 * GIB)
+    for name_, eng in engines.items():
+        measured = part_bytes(eng)
+        planned = plan.row("rl", f"{name_}_update").gpu
+        for part, got in measured.items():
+            want = planned[f"{name_}.{part}"]
+            assert abs(got - want) <= 0.01 * want, (name_, part, got, want)
