@@ -102,13 +102,12 @@ class FakeEngine:
 
 def _work_phases(events) -> list[tuple[str, frozenset[str], int]]:
     """(phase, resident set, event index) of every piece of work, the phase told by the work itself."""
-    out, syncs = [], 0
+    out = []
     for i, (kind, detail, resident) in enumerate(events):
         if kind == "vllm_start":
             phase = "startup"
         elif kind == "update_weights":
-            phase = "startup" if syncs == 0 else "sync"
-            syncs += 1
+            phase = "sync"
         elif kind == "generate":
             phase = "rollout"
         elif kind == "forward_backward":
@@ -223,11 +222,11 @@ def test_trainer_colocation_calls_follow_the_memory_timeline(tmp_path, monkeypat
     # 2 checkpoints before vLLM starts; vLLM's start and first sync; 1 value-pretraining step (critic
     # forward + update) and 2 RL steps (2 forwards, 2 updates, a sync); 7 generations (3 steps, 4
     # evaluations) and 5 checkpoints between steps, in the rollout phase
-    assert seen == {"load": 2, "startup": 2, "experience": 5, "actor_update": 4, "critic_update": 6, "sync": 2,
+    assert seen == {"load": 2, "startup": 1, "experience": 5, "actor_update": 4, "critic_update": 6, "sync": 3,
                     "rollout": 12}, seen
     sleeps = [d for k, d, _ in ledger.events if k == "sleep"]
     level = timeline.sleep_level
-    assert sleeps == [min(level, 1), level, level], sleeps      # value pretraining keeps vLLM's weights
+    assert sleeps == [level, min(level, 1), level, level], sleeps    # value pretraining keeps vLLM's weights
     # the engines were told exactly what the timeline releases (bf16: the optimizer moves too)
     released = {d for k, d, _ in ledger.events if k == "offload"}
     if timeline.offload:
@@ -249,7 +248,8 @@ def test_trainer_colocation_calls_follow_the_memory_timeline(tmp_path, monkeypat
 def test_32b_timeline_peaks_under_80_gib_in_every_phase(recipe):
     plan = make_plan(load_config(recipe), QWEN32B, nodes=8, gpus_per_node=8)
     phases = {(r.step, r.phase) for r in plan.rows}
-    assert {("start", "load"), ("start", "startup"), ("rl", "rollout"), ("rl", "sync"), ("rl", "actor_update"),
+    assert {("start", "load"), ("start", "startup"), ("start", "sync"), ("rl", "rollout"), ("rl", "sync"),
+            ("rl", "actor_update"),
             ("rl", "critic_update")} <= phases
     for row in plan.rows:
         assert row.total < 80 * GIB, (row.step, row.phase, row.total / GIB)
@@ -290,7 +290,8 @@ def test_rl_step_releases_before_acquiring_and_empties_the_cache_before_vllm(led
         _drive(col, ledger, step)
     check_against_timeline(ledger.events, col.timeline)
     kinds = [(k, d) for k, d, _ in ledger.events if k in ("sleep", "wake_up")]
-    assert kinds == [("sleep", 1), ("wake_up", ("weights", "kv_cache")),
+    assert kinds == [("sleep", 2), ("wake_up", ("weights",)), ("wake_up", ("kv_cache",)),       # first sync
+                     ("sleep", 1), ("wake_up", ("weights", "kv_cache")),
                      ("sleep", 2), ("wake_up", ("weights",)), ("wake_up", ("kv_cache",)),
                      ("sleep", 2), ("wake_up", ("weights",)), ("wake_up", ("kv_cache",))]
     # each role's optimizer goes to the GPU once and back once per RL step (as many moves as before)

@@ -64,7 +64,7 @@ def test_explicit_kv_cache_and_settings_change_the_timeline():
     kept = make_plan(load_config(RECIPES[1], ["rollout.sleep_level=0", "rollout.kv_cache_bytes=10737418240"]),
                      QWEN32B, nodes=8, gpus_per_node=8)
     assert kept.row("rl", "actor_update").gpu["vllm.kv_cache"] == 10 * GIB      # never sleeps
-    with pytest.raises(PlanError, match="phase sync \\(rl\\) needs 85.8 GiB .*offload_during_rollout=true"):
+    with pytest.raises(PlanError, match="phase sync \\(start\\) needs 85.8 GiB .*offload_during_rollout=true"):
         make_plan(load_config(RECIPES[1], ["trainer.offload_during_rollout=false"]), QWEN32B, 8, 8)
     baseline = make_plan(load_config(RECIPES[2]), QWEN32B, 8, 8)
     assert not [r for r in baseline.rows if r.step == "value_pretrain"]       # value_pretrain_steps: 0
@@ -78,7 +78,9 @@ def test_plan_accepts_the_32b_recipes_on_8x8_h100(recipe):
     assert "OK: the layout fits" in out.stdout
     lines = out.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("step "))
-    rows = {tuple(line.split()[:2]): line for line in lines[header + 1:header + 11] if line.split()}
+    end = next(i for i, line in enumerate(lines) if line.startswith("  aW="))
+    rows = {tuple(line.split()[:2]): line for line in lines[header + 1:end]}
+    assert len(rows) == end - header - 1 >= 8, rows
     for key in (("start", "load"), ("start", "startup"), ("rl", "rollout"), ("rl", "experience"),
                 ("rl", "actor_update"), ("rl", "critic_update"), ("rl", "sync")):
         total = float(rows[key].split()[-2])

@@ -18,13 +18,15 @@ activation workspace: PyTorch allocations that sleep mode does not free), and th
 Phases, with the 32B recipes' settings (`rollout.sleep_level` > 0, `trainer.offload_during_rollout`):
     load           the engines are built and load their weights / checkpoint: everything resident
     startup        vLLM starts beside the engines' weights (their gradients and optimizer state are
-                   released first) and receives the actor's weights (the first sync)
+                   released first); then the first sync, as in every RL step
     rollout        vLLM generates; the engines hold their weights only
     experience     vLLM sleeps; forward passes: old log-probs (actor) and values (critic)
     actor_update   the actor's PPO mini-batches: its weights, gradients and optimizer state
     critic_update  the critic's, with the actor back to its weights only
     sync           vLLM's weights are back (not its KV cache); the actor's weights stream in
-An RL step is rollout -> experience -> actor_update -> critic_update -> sync -> rollout; a
+The run starts load -> startup -> sync -> rollout (vLLM sleeps right after its start, so that the
+actor's weights stream in without the KV cache, as in every sync). An RL step is rollout ->
+experience -> actor_update -> critic_update -> sync -> rollout; a
 value-pretraining step is rollout -> experience -> critic_update -> rollout (vLLM sleeps at level
 <= 1 there, so it wakes with the weights it had). Every transition releases before it acquires,
 and empties PyTorch's cache before vLLM allocates (`TRANSITION_RULES`). With `sleep_level` = 0 vLLM
@@ -112,7 +114,7 @@ class Timeline:
         for role in ROLES:
             resident |= self._engine(role, role in training)
         runtime = () if name == "load" else ("vllm.runtime",)
-        work = {"load": (), "startup": ("sync_buffers",), "rollout": (),
+        work = {"load": (), "startup": (), "rollout": (),
                 "experience": ("actor.forward", "critic.forward"),
                 "actor_update": ("actor.activations",), "critic_update": ("critic.activations",),
                 "sync": ("sync_buffers",)}[name]
@@ -144,9 +146,11 @@ class Timeline:
         return frozenset(out)
 
     def rows(self, value_pretrain: bool = True) -> list[tuple[str, str]]:
-        """(step, phase) rows of a run: the start, one RL step and (if it runs) one value-pretraining step."""
+        """(step, phase) rows of a run: the start (with its first sync), one RL step and (if it runs)
+        one value-pretraining step."""
         steps = [s for s in STEPS if value_pretrain or s != "value_pretrain"]
-        return [("start", "load"), ("start", "startup")] + [(s, p) for s in steps for p in STEPS[s]]
+        return [("start", "load"), ("start", "startup"), ("start", "sync")] + [(s, p) for s in steps
+                                                                             for p in STEPS[s]]
 
 
 def moves(before: Iterable[str], after: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
@@ -157,7 +161,7 @@ def moves(before: Iterable[str], after: Iterable[str]) -> tuple[frozenset[str], 
 
 _DOCS = {
     "load": "engines built, HF weights or checkpoint loaded; no vLLM yet",
-    "startup": "engines keep their weights; vLLM starts (KV cache sized by the plan) and gets the actor's weights",
+    "startup": "engines keep their weights; vLLM starts (KV cache sized by the plan, profile run)",
     "rollout": "vLLM samples; engines hold their weights only",
     "experience": "vLLM asleep; forward passes: old log-probs (actor), values (critic)",
     "actor_update": "the actor's PPO mini-batches and optimizer steps",

@@ -9,7 +9,7 @@ allocator maps memory of its own, outside PyTorch's cache), then acquires.
 
 The trainer's calls, in order:
     start_rollout(create)   load -> startup: engines release, vLLM is created (KV cache sized by the plan)
-    sync(push)              at start-up: the first sync, then rollout; in an RL step: sync, push, rollout
+    sync(push)              -> sync (vLLM sleeps, wakes its weights), push, -> rollout (its KV cache wakes)
     generating()            -> rollout
     after_rollout(...)      -> experience (vLLM sleeps: level 2 before a sync, else at most 1)
     updating("actor")       -> actor_update
@@ -78,10 +78,9 @@ class Colocation:
     def sync(self, push: Callable[[], float]) -> float:
         """Run the weight sync `push` (returns its seconds) in the sync phase, then go to rollout.
 
-        The first sync runs inside start-up, where vLLM is already fully awake (the plan prices it
-        there); later ones wake vLLM's weights only, and its KV cache after the push."""
-        if self.phase != "startup":
-            self._enter("sync")
+        vLLM holds its weights but not its KV cache while the actor's weights stream in; right after
+        start-up it is put to sleep first (it cannot free its KV cache alone), then its weights wake."""
+        self._enter("sync")
         try:
             return push()
         finally:
@@ -94,17 +93,18 @@ class Colocation:
     # ---- transitions ------------------------------------------------------------------------
     def _enter(self, phase: str, create: Callable[[], Any] | None = None) -> None:
         """Move from the current resident set to `phase`'s: release, empty the cache, acquire."""
-        release, acquire = moves(self.resident, self.timeline.resident(phase))
-        # vLLM frees its weights and KV cache together: it sleeps only when the phase keeps neither
-        # (an engine that did not sleep, as on CPU, keeps its KV cache through the sync)
-        if release >= set(VLLM_PARTS) and self.rollout.sleep(level=self._level):
+        target = self.timeline.resident(phase)
+        release, acquire = moves(self.resident, target)
+        # vLLM frees its weights and KV cache together: what the phase keeps of them wakes again
+        # below (an engine that cannot sleep, as on CPU, stays resident)
+        if release & set(VLLM_PARTS) and self.rollout.sleep(level=self._level):
             self.resident -= set(VLLM_PARTS)
         for role in ROLES:
             parts = [p for p in ENGINE_PARTS if f"{role}.{p}" in release]
             if parts:
                 self.engines[role].offload(parts)
                 self.resident -= {f"{role}.{p}" for p in parts}
-        wake = [p for p in VLLM_PARTS if p in acquire and p not in self.resident]
+        wake = [p for p in VLLM_PARTS if p in target and p not in self.resident]
         if wake:
             empty_cache()
             if self.rollout is None:
