@@ -294,3 +294,17 @@ def test_parquet_written_by_hf_datasets_loads_like_jsonl(tmp_path):
     jpath.write_text(json.dumps(verl[0]) + "\n")
     assert load_problems(jpath, problem_key="extra_info.question", answer_key="reward_model.ground_truth")[0][0].answer \
         == shipped[0]
+
+
+def test_eval_path_lists_need_distinct_names():
+    """data.eval_path: one file or a list; each set is named by its file stem, so stems must differ."""
+    from vcppo_megatron.config import ConfigError, load_config
+    from vcppo_megatron.trainer.setup import eval_paths
+
+    assert eval_paths(load_config(None)) == []
+    assert eval_paths(load_config(None, ["data.eval_path=a/x.jsonl"])) == ["a/x.jsonl"]
+    assert eval_paths(load_config(None, ["data.eval_path=[a/x.jsonl,b/y.parquet]"])) == ["a/x.jsonl", "b/y.parquet"]
+    with pytest.raises(ConfigError, match=r"'a/x.jsonl' and 'b/x.parquet' would both report as 'x'"):
+        eval_paths(load_config(None, ["data.eval_path=[a/x.jsonl,b/x.parquet]"]))
+    with pytest.raises(ConfigError, match=r"data.eval_path = \[\]: expected a file, a list of files, or null"):
+        eval_paths(load_config(None, ["data.eval_path=[]"]))

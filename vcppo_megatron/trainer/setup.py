@@ -134,15 +134,18 @@ def _synthetic_set(name: str, count: int, seed: int, cfg: Config, tokenizer: Any
                      [p.answer for p in problems], [p.prompt for p in problems])
 
 
-def _file_set(path: str, cfg: Config, tokenizer: Any) -> PromptSet:
+def _file_set(path: str, cfg: Config, tokenizer: Any, show_example: bool = False) -> PromptSet:
     """Problems of a jsonl / parquet file, formatted with `data.prompt_template`."""
     d = cfg.data
     rows, report = load_problems(path, problem_key=d.problem_key, answer_key=d.answer_key,
                                  answer_format=d.answer_format, on_bad_row=d.on_bad_row)
+    prompts = [encode_prompt(r.problem, tokenizer, d.prompt_template) for r in rows]
     if dist.get_rank() == 0:
         print(report.summary(), flush=True)
-    return PromptSet(Path(path).stem, [encode_prompt(r.problem, tokenizer, d.prompt_template) for r in rows],
-                     [r.answer for r in rows], [r.problem for r in rows])
+        if show_example:        # what the model sees: the template, the instruction, the problem
+            print(f"== example prompt ({rows[0].location}, {len(prompts[0])} tokens, data.prompt_template = "
+                  f"{d.prompt_template}, answer {rows[0].answer!r}): {tokenizer.decode(prompts[0])!r}", flush=True)
+    return PromptSet(Path(path).stem, prompts, [r.answer for r in rows], [r.problem for r in rows])
 
 
 def eval_paths(cfg: Config) -> list[str]:
@@ -166,7 +169,7 @@ def load_prompt_sets(cfg: Config, tokenizer: Any) -> tuple[PromptSet, list[Promp
     """(training prompts, held-out sets): from data files, or the synthetic task (seeded)."""
     d, seed = cfg.data, cfg.trainer.seed
     train = (_synthetic_set("synthetic", d.synthetic_problems, seed * 7 + 3, cfg, tokenizer) if d.train_path is None
-             else _file_set(d.train_path, cfg, tokenizer))
+             else _file_set(d.train_path, cfg, tokenizer, show_example=True))
     paths = eval_paths(cfg)
     held = ([_file_set(p, cfg, tokenizer) for p in paths] if paths else
             [_synthetic_set("synthetic_eval", cfg.trainer.eval_problems, seed + 1, cfg, tokenizer)])
