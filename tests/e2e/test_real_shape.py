@@ -22,9 +22,9 @@ tensor-parallel size 2 over both ranks, two RL steps on GSM8K rows in GSM8K's ow
   before RL equals the initial model bit for bit (vocabulary padding dropped), the final one has the
   same names and shapes and loads in transformers.
 
-Time: ~6.5 min with 3 checkpoints on the shared 2-core machine under a load average of ~30; the
-trainer's own wall time was 185 s there, and a quiet machine takes a fraction of that. Memory:
-~6 GB resident per rank (actor, critic and vLLM, fp32).
+Cost: ~210 CPU-seconds in all (user + sys), i.e. about 2 minutes on a quiet 2-core machine; it took
+276 s of wall time on the shared 2-core machine at a load average of ~20. Memory: ~6 GB resident
+per rank at the peak (actor, critic and vLLM in fp32, `rl/perf/peak_memory_gb`).
 """
 from __future__ import annotations
 
@@ -72,8 +72,8 @@ def _write_data(tmp: Path) -> dict[str, Path]:
     train = [json.loads(line) for line in (ROOT / "datasets" / "gsm8k_train.jsonl").open()][:8]
     paths = {"train": tmp / "gsm8k_train_own_format.jsonl", "gsm8k_test": tmp / "gsm8k_test.jsonl",
              "math500": tmp / "math500.jsonl"}
-    paths["train"].write_text("".join(json.dumps({"question": r["problem"], "answer": f"{r['solution']}\n#### {r['answer']}"})
-                                      + "\n" for r in train))
+    own = [{"question": r["problem"], "answer": f"{r['solution']}\n#### {r['answer']}"} for r in train]
+    paths["train"].write_text("".join(json.dumps(r) + "\n" for r in own))
     for name in ("gsm8k_test", "math500"):
         rows = [json.loads(line) for line in (ROOT / "datasets" / f"{name}.jsonl").open()]
         rows = sorted(rows, key=lambda r: len(r["problem"]))[:2]            # short prompts

@@ -209,7 +209,8 @@ def test_gsm8k_answers_lose_thousands_separators_and_bad_rows_name_line_and_fiel
 
 MATH_ROWS = [
     {"problem": "Half of one?", "solution": "Divide: $\\frac{1}{2}$, so the answer is $\\boxed{\\frac{1}{2}}$."},
-    {"problem": "Point?", "solution": "First $\\boxed{0}$ was wrong; $r=3$: $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}$"},
+    {"problem": "Point?",
+     "solution": "First $\\boxed{0}$ was wrong; $r=3$: $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}$"},
     {"problem": "Set?", "solution": "So $\\fbox{\\{1, 2\\}}$."},
     {"problem": "Old style?", "solution": "It is $\\boxed 5$."},
 ]
@@ -227,7 +228,8 @@ def test_math_own_format_loads_the_last_boxed_answer(tmp_path):
     with pytest.raises(BadRowError, match=r"math.jsonl:line 2: field 'solution' = 'none here' \(its end\): "
                                           r"expected a solution with the answer in \\boxed\{...\}.*auto, chose 'boxed'"):
         load_problems(path, answer_key="solution", answer_format="auto")
-    with pytest.raises(BadRowError, match=r"math.jsonl:line 1: missing field 'answer' \(fields: \['problem', 'solution'\]\)"):
+    with pytest.raises(BadRowError,
+                       match=r"math.jsonl:line 1: missing field 'answer' \(fields: \['problem', 'solution'\]\)"):
         load_problems(path, answer_key="answer")
     # the defaults: 'solution' is tried after 'answer', and auto reads it as MATH's \boxed{} solutions
     problems, report = load_problems(tmp_path / "math.jsonl", on_bad_row="skip")
@@ -249,7 +251,8 @@ def test_auto_keeps_plain_answer_files_as_they_are(tmp_path):
         reference, _ = load_problems(ROOT / "datasets" / f"{name}.jsonl", answer_format="field")
         assert problems == reference and report.answer_format == "field"
     path = tmp_path / "mixed.jsonl"
-    path.write_text(json.dumps({"problem": "p", "answer": 5}) + "\n" + json.dumps({"problem": "q", "answer": "a\n#### 7"}) + "\n")
+    path.write_text(json.dumps({"problem": "p", "answer": 5}) + "\n"
+                    + json.dumps({"problem": "q", "answer": "a\n#### 7"}) + "\n")
     with pytest.raises(BadRowError, match=r"line 2: field 'answer' is written as 'gsm8k' \(format 'field' expected\)"):
         load_problems(path, answer_format="auto")
     with pytest.raises(BadRowError, match=r"line 1: field 'answer' = 5: expected text with the answer"):
