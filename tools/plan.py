@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus-per-node", type=int, required=True)
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (H100: 80)")
     ap.add_argument("--model-config", default=None, help="HF config.json (default: from actor.model_path)")
-    ap.add_argument("--tokens-per-s-per-gpu", type=float, default=preemption.TOKENS_PER_S_PER_GPU,
+    ap.add_argument("--tokens-per-s-per-gpu", type=float, default=None,
                     help="end-to-end step throughput per GPU for the step-time estimate (measured: "
-                         "perf/tokens_per_s / GPUs)")
+                         "perf/tokens_per_s / GPUs); default 400 for a 32B model, scaled inversely "
+                         "with the model's parameters")
     ap.add_argument("--step-seconds", type=float, default=None,
                     help="measured longest step (largest time/step_s); replaces the estimate")
     ap.add_argument("--write-gbps", type=float, default=preemption.WRITE_BYTES_PER_S / 1e9,

@@ -153,3 +153,23 @@ def test_sequence_parallel_without_tensor_parallelism_is_rejected(role):
     check_layout(load_config(recipe, [f"{role}.parallel.recompute_activations=full"]), world_size=2)
     with pytest.raises(ConfigError, match=rf"{role}.parallel.sequence_parallel = true with tensor_parallel_size = 1"):
         check_layout(load_config(recipe, [f"{role}.parallel.sequence_parallel=true"]), world_size=2)
+
+
+def test_defaults_list_merges_in_order_and_lists_load(tmp_path):
+    """`defaults:` may be a list (later files over earlier ones, the recipe last); list values load as tuples."""
+    (tmp_path / "algo.yaml").write_text("algo: {lam_actor: 0.9, eps_high: 0.28}\nbatch: {samples_per_prompt: 4}\n")
+    (tmp_path / "task.yaml").write_text("algo: {lam_actor: 0.97}\ndata: {eval_path: [a/x.jsonl, b/y.jsonl]}\n")
+    (tmp_path / "r.yaml").write_text("defaults: [algo.yaml, task.yaml]\nbatch: {samples_per_prompt: 8}\n")
+    cfg = load_config(tmp_path / "r.yaml")
+    assert (cfg.algo.lam_actor, cfg.algo.eps_high, cfg.batch.samples_per_prompt) == (0.97, 0.28, 8)
+    assert cfg.data.eval_path == ("a/x.jsonl", "b/y.jsonl") and hash(cfg)
+    assert load_config(None, ["data.eval_path=[p.jsonl]"]).data.eval_path == ("p.jsonl",)
+    assert load_config(None, ["data.eval_path=p.jsonl"]).data.eval_path == "p.jsonl"
+    with pytest.raises(ConfigError, match=r"'data.eval_path' = \[1\]: expected a string or a list of strings"):
+        load_config(None, ["data.eval_path=[1]"])
+    (tmp_path / "nested.yaml").write_text("defaults: [algo.yaml, r.yaml]\n")
+    with pytest.raises(ConfigError, match="one level"):
+        load_config(tmp_path / "nested.yaml")
+    (tmp_path / "bad.yaml").write_text("defaults: [algo.yaml, 3]\n")
+    with pytest.raises(ConfigError, match="expected a file name or a list of file names"):
+        load_config(tmp_path / "bad.yaml")

@@ -190,3 +190,23 @@ def test_evaluate_problems_counts_with_the_real_verifier():
 
     for name in res.metrics():
         check_tag(f"eval/{name}")
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_held_out_sets_split_back_from_replica_shares(replicas):
+    """Replica r scores problems r, r + R, ...; gathered in replica order, each set gets its problems back."""
+    from vcppo_megatron.trainer.evaluation import held_out_metrics, per_problem, split_by_set
+
+    sizes = [5, 2, 4]
+    total = sum(sizes)
+    gathered = [i for r in range(replicas) for i in range(r, total, replicas)]   # value = problem index
+    assert split_by_set(gathered, sizes, replicas) == [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9, 10]]
+    with pytest.raises(ValueError, match="10 gathered values for 11 held-out problems"):
+        split_by_set(gathered[:-1], sizes, replicas)
+    # 3 prompts, 2 samples each, prompt 1 skipped (no samples): counts as unsolved
+    rows = per_problem([0, 0, 2, 2], [1.0, -1.0, 1.0, 1.0], [3, 5, 4, 8], [False, True, False, True], 3)
+    assert rows == [(1, 2, 8, 1), (0, 0, 0, 0), (2, 2, 12, 1)]
+    m = held_out_metrics("gsm8k_test", rows, 2)
+    assert m == {"gsm8k_test/avg@2": pytest.approx(0.5), "gsm8k_test/response_length/mean": 5.0,
+                 "gsm8k_test/truncated_frac": 0.5, "gsm8k_test/pass@1": pytest.approx(0.5),
+                 "gsm8k_test/pass@2": pytest.approx(2 / 3)}

@@ -441,3 +441,23 @@ def test_gather_samples_without_group_returns_input():
         assert out is s
         assert (out.prompt_ids, out.response_ids, out.rewards, out.truncated, out.prompt_index,
                 out.num_skipped_prompts) == snapshot
+
+
+def test_logprob_abs_diff_compares_rollout_and_actor_on_response_tokens():
+    """Rollout log-probs land on the response tokens' own positions, where the actor scores them."""
+    from vcppo_megatron.trainer.experience import logprob_abs_diff
+
+    s = _samples()
+    g = torch.Generator().manual_seed(3)
+    s.rollout_logprobs = [(-torch.rand(r, generator=g)).tolist() for _, r in LENS]
+    exp = build_experience(s, PAD)
+    assert logprob_abs_diff(exp) is None                      # the actor has not scored yet
+    actor = torch.randn(exp.input_ids.shape, generator=g)     # prompt / padding positions: anything
+    exp.actor_log_probs = actor
+    diff = logprob_abs_diff(exp)
+    for i, (p, r) in enumerate(LENS):
+        for j in range(diff.shape[1]):
+            want = abs(float(actor[i, p + j]) - s.rollout_logprobs[i][j]) if j < r else 0.0
+            assert float(diff[i, j]) == pytest.approx(want, abs=1e-6), (i, j)
+    s.rollout_logprobs = []                                   # not recorded: no metric
+    assert build_experience(s, PAD).rollout_log_probs is None

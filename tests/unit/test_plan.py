@@ -1,8 +1,11 @@
-"""tools/plan.py and memory_plan: the 32B recipes fit 8 x 8 H100 80GB; broken layouts are named."""
+"""tools/plan.py and memory_plan: the 32B recipes fit 8 x 8 H100 80GB, every shipped recipe fits the
+hardware its header states (the one-node recipes: 1 x 8 and 1 x 1); broken layouts are named."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +151,60 @@ def test_preemption_margin_by_hand():
                           "8", "--gpus-per-node", "8", "--step-seconds", "1800", "--write-gbps", "20"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and f"--signal=B:USR1@{measured.seconds}" in out.stdout, out.stdout + out.stderr
+
+
+# ---- every shipped recipe plans on the hardware it states ---------------------------------------
+_STATED = re.compile(r"tools/plan\.py --config examples/(\S+\.yaml) --nodes (\d+) --gpus-per-node (\d+)")
+
+
+def _plan_tool():
+    spec = importlib.util.spec_from_file_location("vcppo_tools_plan", ROOT / "tools" / "plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _shipped_recipes() -> list[tuple[Path, list[tuple[int, int]]]]:
+    """Recipes with a model (not defaults files, not the tiny CPU demo) and the layouts their header states."""
+    out = []
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        if load_config(path).actor.model_path is None:
+            continue
+        stated = [(int(n), int(g)) for name, n, g in _STATED.findall(path.read_text()) if name == path.name]
+        out.append((path, stated))
+    return out
+
+
+def test_every_shipped_recipe_plans_on_its_stated_hardware(capsys):
+    """tools/plan.py (in-process) accepts each recipe on each `--nodes N --gpus-per-node G` its header states."""
+    plan = _plan_tool()
+    recipes = _shipped_recipes()
+    names = {p.name for p, _ in recipes}
+    assert {f"qwen2.5_{size}_gsm8k_{algo}.yaml" for size in ("0.5b", "1.5b")
+            for algo in ("vcppo", "vapo", "ppo_baseline")} | {f"qwen2.5_32b_{a}.yaml" for a in
+                                                              ("vcppo", "vapo", "ppo_baseline")} <= names, names
+    for path, stated in recipes:
+        assert stated, f"{path.name}: states no `tools/plan.py --config examples/{path.name} --nodes N --gpus-per-node G`"
+        for nodes, gpus in stated:
+            code = plan.main(["--config", str(path), "--nodes", str(nodes), "--gpus-per-node", str(gpus)])
+            out = capsys.readouterr()
+            assert code == 0 and "OK: the layout fits" in out.out, (path.name, nodes, gpus, out.err)
+        if "_gsm8k_" in path.name:
+            assert set(stated) == {(1, 8), (1, 1)}, (path.name, stated)
+            assert re.search(r"# Time per RL step: (ESTIMATE|measured)", path.read_text()), path.name
+
+
+@pytest.mark.parametrize("size, published", [("0.5B", 494_032_768), ("1.5B", 1_543_714_304)])
+def test_shipped_small_model_configs_have_the_published_size(size, published):
+    """examples/models/Qwen2.5-<size>-Instruct/config.json: the plan's count, HF's model and the published size agree."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = ROOT / "examples" / "models" / f"Qwen2.5-{size}-Instruct"
+    hf = json.loads((path / "config.json").read_text())
+    layers, outer = ModelShape.from_hf(hf).params(lm_head=True)
+    assert layers + outer == published
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+    assert sum(p.numel() for p in model.parameters()) == published     # tied: the embedding counted once
+    assert (hf["vocab_size"], hf["tie_word_embeddings"], hf["eos_token_id"]) == (151936, True, 151645)

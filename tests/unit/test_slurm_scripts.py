@@ -5,7 +5,8 @@ stand-in trainer module that initialises torch.distributed through `init_distrib
 its ranks and arguments, then waits for USR1: the test signals the batch shell like
 `--signal=B:USR1@...` would, and checks checkpoint-then-requeue. A second simulated job runs the
 real trainer (1 node x 2 tasks, tiny CPU recipe), preempts it with USR1 in the RL phase and
-resumes it in the requeued job.
+resumes it in the requeued job. The one-node script (slurm/one_node.sbatch) runs the stand-in as 1 node
+x 2 tasks with a recipe argument and a run directory to continue.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = [ROOT / "slurm" / "vcppo_32b.sbatch", ROOT / "slurm" / "vapo_32b.sbatch"]
+ONE_NODE = ROOT / "slurm" / "one_node.sbatch"
 
 
 def _shellcheck() -> str:
@@ -33,7 +35,7 @@ def _shellcheck() -> str:
     return found
 
 
-@pytest.mark.parametrize("script", SCRIPTS + [ROOT / "slurm" / "common.sh"], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SCRIPTS + [ONE_NODE, ROOT / "slurm" / "common.sh"], ids=lambda p: p.name)
 def test_bash_syntax_and_shellcheck(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
     out = subprocess.run([_shellcheck(), "-x", str(script)], capture_output=True, text=True, cwd="/")
@@ -48,6 +50,12 @@ def test_scripts_request_the_cluster_features():
             assert needle in text, (script.name, needle)
         recipe = _recipe_of(text)
         assert recipe.is_file(), recipe
+    text = ONE_NODE.read_text()
+    for needle in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                   "#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "source \"$REPO_DIR/slurm/common.sh\""):
+        assert needle in text, (ONE_NODE.name, needle)
+    default = text.split('RECIPE="${RECIPE:-')[1].split("}")[0]
+    assert (ROOT / default).is_file(), default
     common = (ROOT / "slurm" / "common.sh").read_text()
     for needle in ("--container-image", "--container-mounts", "scontrol requeue", "NCCL_", "tensorboard",
                    'trainer.output_dir="$RUN_DIR" "$@"'):
@@ -79,6 +87,26 @@ def test_signal_margin_covers_a_step_and_a_checkpoint(script):
     assert "tools/plan.py" in text
     time_limit = re.search(r"#SBATCH --time=(\d+):00:00", text).group(1)
     assert seconds < int(time_limit) * 3600 / 10, "the margin should leave most of the job to training"
+
+
+def test_one_node_signal_margin_covers_every_one_node_recipe():
+    """one_node.sbatch's --signal covers the margin of each GSM8K recipe on 1 and on 8 GPUs (the step-time
+    estimate scaled to the 0.5B / 1.5B sizes, not a 32B model's)."""
+    from vcppo_megatron.config import load_config
+    from vcppo_megatron.parallel.memory_plan import ModelShape
+    from vcppo_megatron.parallel.preemption import preemption_margin
+
+    seconds = int(re.search(r"#SBATCH --signal=B:USR1@(\d+)\n", ONE_NODE.read_text()).group(1))
+    recipes = sorted((ROOT / "examples").glob("qwen2.5_*_gsm8k_*.yaml"))
+    assert len(recipes) == 6
+    for recipe in recipes:
+        size = "0.5B" if "_0.5b_" in recipe.name else "1.5B"
+        shape = ModelShape.from_hf(json.loads((ROOT / "examples" / "models" / f"Qwen2.5-{size}-Instruct" /
+                                               "config.json").read_text()))
+        for gpus in (1, 8):
+            margin = preemption_margin(load_config(recipe), gpus, sum(shape.params(lm_head=True)),
+                                       sum(shape.params(lm_head=False)))
+            assert seconds >= margin.seconds, (recipe.name, gpus, seconds, margin.describe())
 
 
 _FAKE_SRUN = """#!{python}
@@ -184,6 +212,38 @@ def test_simulated_job_requeues_when_the_trainer_exits_after_a_checkpoint(tmp_pa
     else:
         assert out.returncode == code and "scontrol requeue" not in fake_log, out.stdout + log
         assert f"trainer exited with {code}" in log, log
+
+
+def test_simulated_one_node_job_takes_the_recipe_argument_and_resumes_a_run_dir(tmp_path):
+    """slurm/one_node.sbatch, 1 node x 2 tasks: recipe as first argument (relative to the repository),
+    overrides after it, RUN_DIR relative to the submit directory (a run to continue), USR1 -> requeue."""
+    (tmp_path / "fake_trainer.py").write_text(textwrap.dedent(_WORKER))
+    env = _fake_slurm_env(tmp_path, ONE_NODE)
+    env.update(SLURM_JOB_ID="31", SLURM_JOB_NAME="one-node", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="localhost",
+               SLURM_GPUS_ON_NODE="2", VENV=str(Path(sys.executable).parents[1]), TRAIN_MODULE="fake_trainer",
+               PYTHONPATH=str(tmp_path), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", RUN_DIR="runs/earlier-7")
+    recipe = "examples/qwen2.5_1.5b_gsm8k_vapo.yaml"
+    shell = subprocess.Popen(["bash", str(ONE_NODE), recipe, "trainer.num_steps=3"], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "runs" / "earlier-7"
+    deadline = time.time() + 120
+    while not all((run_dir / f"rank{r}.json").exists() for r in range(2)):
+        assert shell.poll() is None, shell.communicate()[0] + _logs(run_dir)
+        assert time.time() < deadline, "tasks did not start: " + _logs(run_dir)
+        time.sleep(0.2)
+    time.sleep(0.3)
+    shell.send_signal(signal.SIGUSR1)
+    out, _ = shell.communicate(timeout=120)
+    assert shell.returncode == 0, out + _logs(run_dir)
+    for r in range(2):
+        info = json.loads((run_dir / f"rank{r}.json").read_text())
+        assert (info["rank"], info["world"], info["local"], info["node"]) == (r, 2, r, 0)
+        assert info["argv"] == ["--config", str(ROOT / recipe), f"trainer.output_dir={run_dir}", "trainer.num_steps=3"]
+    assert "scontrol requeue 31" in (tmp_path / "fake.log").read_text()
+    # a recipe that does not exist stops the job before srun
+    env.pop("RUN_DIR")
+    bad = subprocess.run(["bash", str(ONE_NODE), "nope.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and f"recipe {ROOT / 'nope.yaml'} not found" in bad.stderr
 
 
 def _fake_slurm_env(tmp_path: Path, script: Path) -> dict[str, str]:

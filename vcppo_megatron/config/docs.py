@@ -63,8 +63,9 @@ def render() -> str:
            "Generated from `vcppo_megatron/config/schema.py` by "
            "`python -m vcppo_megatron.config.docs > docs/CONFIG.md`; do not edit by hand "
            "(a test keeps it current).", "",
-           "A recipe is a YAML file of these sections; it may name one `defaults:` file "
-           "(relative to itself) that it is merged over. Any key can be overridden on the "
+           "A recipe is a YAML file of these sections; it may name `defaults:`, one file or a "
+           "list of files (relative to itself, merged in order), that it is merged over. Any key "
+           "can be overridden on the "
            "command line as `section.key=value` (e.g. `algo.lam_actor=0.99`, "
            "`algo.length_adaptive_alpha=null`). Unknown keys, wrong types and out-of-range "
            "values stop the run before anything starts.", ""]

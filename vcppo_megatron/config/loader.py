@@ -1,9 +1,11 @@
 """Build a validated `Config` from a YAML recipe plus dotted command-line overrides.
 
-A recipe may name one `defaults:` file (relative to the recipe) that it is merged over; the
-defaults file itself may not have one. Overrides look like `algo.lam_actor=0.99` and are parsed
-as YAML scalars. Unknown keys, wrong types and out-of-range values raise `ConfigError` naming the
-key, the value, what was expected and, for unknown keys, the closest valid key.
+A recipe may name `defaults:`, one file or a list of files (relative to the recipe), that it is
+merged over: the list in order, each later file over the earlier ones, the recipe last. A defaults
+file may not name its own. Overrides look like `algo.lam_actor=0.99` and are parsed as YAML
+(`data.eval_path=[a.jsonl,b.jsonl]` is a list). Unknown keys, wrong types and out-of-range values
+raise `ConfigError` naming the key, the value, what was expected and, for unknown keys, the
+closest valid key.
 """
 from __future__ import annotations
 
@@ -37,19 +39,25 @@ def load_config(recipe: str | Path | None = None, overrides: typing.Sequence[str
 
 
 def read_recipe(path: Path) -> dict[str, Any]:
-    """Read a YAML recipe and merge it over its `defaults:` file (one level)."""
+    """Read a YAML recipe and merge it over its `defaults:` file(s) (one level, a list in order)."""
     tree = _read_yaml(path)
-    base_name = tree.pop("defaults", None)
-    if base_name is None:
+    base_names = tree.pop("defaults", None)
+    if base_names is None:
         return tree
-    if not isinstance(base_name, str):
-        raise ConfigError(f"{path}: 'defaults' = {base_name!r}: expected one file name (a string)")
-    base_path = (path.parent / base_name).resolve()
-    base = _read_yaml(base_path)
-    if "defaults" in base:
-        raise ConfigError(f"{base_path}: a defaults file may not name its own 'defaults' "
-                          f"(one level only; it is the defaults of {path})")
-    return deep_merge(base, tree)
+    if isinstance(base_names, str):
+        base_names = [base_names]
+    if not isinstance(base_names, list) or not base_names or not all(isinstance(n, str) for n in base_names):
+        raise ConfigError(f"{path}: 'defaults' = {base_names!r}: expected a file name or a list of file "
+                          f"names (strings)")
+    merged: dict[str, Any] = {}
+    for name in base_names:
+        base_path = (path.parent / name).resolve()
+        base = _read_yaml(base_path)
+        if "defaults" in base:
+            raise ConfigError(f"{base_path}: a defaults file may not name its own 'defaults' "
+                              f"(one level only; it is a defaults file of {path})")
+        merged = deep_merge(merged, base)
+    return deep_merge(merged, tree)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -202,19 +202,21 @@ class DataConfig:
     """Prompt data."""
 
     train_path: str | None = None
-    """jsonl file of training problems; null uses the built-in synthetic arithmetic task."""
-    problem_key: str = "problem"
-    """Field holding the problem text."""
-    answer_key: str = "answer"
-    """Field holding the ground-truth answer."""
+    """jsonl / parquet file of training problems (parquet as written by HF `datasets`' `Dataset.to_parquet`); null uses the built-in synthetic arithmetic task."""
+    problem_key: str | tuple[str, ...] = ("problem", "question")
+    """Field holding the problem text, or a list of names of which each file uses the first it has (reported when loading; GSM8K's own files: `question`); a dotted name reaches into nested objects / parquet structs (`extra_info.question`)."""
+    answer_key: str | tuple[str, ...] = ("answer", "solution")
+    """Field holding the ground-truth answer, read per `answer_format`; a list as for `problem_key` (MATH's own files have only `solution`)."""
+    answer_format: Literal["auto", "field", "gsm8k", "boxed"] = "auto"
+    """How the answer field holds the answer: `field` as is; `gsm8k` after the last `####` of a worked solution (GSM8K's own rows); `boxed` in the last `\\boxed{}` of a worked solution (MATH's own rows); `auto` picks one per file from its first row, reports the choice with the file's load summary and requires it of every row."""
     on_bad_row: Literal["skip", "fail"] = "fail"
-    """A malformed row is reported with file:line and then skipped or fatal."""
+    """A malformed row is reported with file:line and the field, then skipped or fatal."""
     shuffle: bool = True
     """Visit the training problems in a new seeded random order every epoch."""
     prompt_template: Literal["auto", "chat", "plain", "none"] = "auto"
     """Prompt format (data/chat_template.py): `auto` uses the tokenizer's chat template if it has one; the synthetic task always sends the bare problem."""
-    eval_path: str | None = None
-    """jsonl / parquet of held-out problems for periodic evaluation; null uses held-out synthetic problems."""
+    eval_path: str | tuple[str, ...] | None = None
+    """Held-out set(s): a jsonl / parquet file or a list of them (`[datasets/gsm8k_test.jsonl, datasets/math500.jsonl]`), read like `train_path` and scored before, during and after RL, each under its file name without suffix (`eval/gsm8k_test/...`); null uses held-out synthetic problems."""
     synthetic_problems: int = param(4096, ge=1)
     """Size of the training pool of the built-in synthetic task (when `train_path` is null)."""
     synthetic_max_operands: int = param(4, ge=1, le=16)

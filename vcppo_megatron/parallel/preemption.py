@@ -6,7 +6,8 @@ write a checkpoint, then exit and let the shell requeue the job:
 
     margin = T_step + T_eval + T_checkpoint + T_exit
 
-    T_step       = tokens of the longest step / (GPUs x tokens per second per GPU), where the longest
+    T_step       = tokens of the longest step / (GPUs x tokens per second per GPU; by default 400 for
+                   a 32B model, scaled inversely with the actor's parameters), where the longest
                    step has every response at max length: global_prompts_per_step x samples_per_prompt
                    x (max_prompt_tokens + max_response_tokens); or a measured step time (the largest
                    `time/step_s` of the run) when given
@@ -33,6 +34,10 @@ TOKENS_PER_S_PER_GPU = 400.0
 """Default end-to-end throughput of a colocated PPO step (rollout + actor + critic) on one H100,
 for a 32B model: NeMo-RL reports 571 tokens/s/GPU for GRPO (no critic) on Qwen3-32B, H100; the
 critic's forward and update add about a third. Replace with `perf/tokens_per_s` / GPUs measured."""
+REFERENCE_PARAMS = 32_763_876_352
+"""Parameters of the model TOKENS_PER_S_PER_GPU is for (Qwen2.5-32B). Other sizes scale it by
+REFERENCE_PARAMS / actor parameters (compute-bound: FLOPs per token ∝ parameters), so a 0.5B recipe is
+not planned at a 32B model's speed."""
 WRITE_BYTES_PER_S = 2e9
 """Default write bandwidth of the checkpoint file system for one job (a conservative parallel FS)."""
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -69,11 +74,20 @@ def checkpoint_bytes(cfg: Config, actor_params: int, critic_params: int) -> floa
                                                                (critic_params, cfg.critic.params_dtype)))
 
 
+def default_tokens_per_s_per_gpu(actor_params: int) -> float:
+    """TOKENS_PER_S_PER_GPU (a 32B model) scaled by REFERENCE_PARAMS / actor_params."""
+    return TOKENS_PER_S_PER_GPU * REFERENCE_PARAMS / actor_params
+
+
 def preemption_margin(cfg: Config, world: int, actor_params: int, critic_params: int, *,
-                      tokens_per_s_per_gpu: float = TOKENS_PER_S_PER_GPU,
+                      tokens_per_s_per_gpu: float | None = None,
                       write_bytes_per_s: float = WRITE_BYTES_PER_S,
                       step_seconds: float | None = None) -> PreemptionMargin:
-    """The margin of a recipe on `world` GPUs (see the module docstring for the formula)."""
+    """The margin of a recipe on `world` GPUs (see the module docstring for the formula).
+
+    `tokens_per_s_per_gpu` None: TOKENS_PER_S_PER_GPU scaled to the actor's size (REFERENCE_PARAMS)."""
+    if tokens_per_s_per_gpu is None:
+        tokens_per_s_per_gpu = default_tokens_per_s_per_gpu(actor_params)
     if tokens_per_s_per_gpu <= 0 or write_bytes_per_s <= 0 or (step_seconds is not None and step_seconds <= 0):
         raise ValueError(f"tokens_per_s_per_gpu = {tokens_per_s_per_gpu}, write_bytes_per_s = "
                          f"{write_bytes_per_s}, step_seconds = {step_seconds}: expected positive numbers")

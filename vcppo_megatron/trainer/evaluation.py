@@ -103,3 +103,52 @@ def evaluate_problems(engine: RolloutEngine, problems: Sequence[MathProblem], to
         response_length_mean=sum(lengths) / len(lengths) if lengths else 0.0,
         truncated_frac=truncated / len(lengths) if lengths else 0.0,
         num_skipped_prompts=skipped, num_truncated_prompts=cut)
+
+
+# ---- the trainer's held-out sets, scored in shares by the rollout replicas ----------------------
+def replica_order(num_problems: int, replicas: int) -> list[int]:
+    """Problem indices in gathered order: replica r scores problems r, r + R, r + 2R, ... in turn."""
+    return [i for r in range(replicas) for i in range(r, num_problems, replicas)]
+
+
+def split_by_set(gathered: Sequence[Any], sizes: Sequence[int], replicas: int) -> list[list[Any]]:
+    """Per-problem values gathered replica by replica -> one list per held-out set, in problem order."""
+    total = sum(sizes)
+    if len(gathered) != total:
+        raise ValueError(f"{len(gathered)} gathered values for {total} held-out problems: expected one each")
+    by_problem: list[Any] = [None] * total
+    for i, value in zip(replica_order(total, replicas), gathered):
+        by_problem[i] = value
+    out, start = [], 0
+    for size in sizes:
+        out.append(by_problem[start:start + size])
+        start += size
+    return out
+
+
+def held_out_metrics(dataset: str, problems: Sequence[tuple[int, int, int, int]],
+                     samples: int) -> dict[str, float]:
+    """`<dataset>/...` metrics from per-problem (correct, samples drawn, tokens, truncated samples).
+
+    A problem with no samples (its prompt skipped as too long) counts as unsolved.
+    """
+    counts = [p[0] for p in problems]
+    drawn = sum(p[1] for p in problems)
+    out = {f"{dataset}/avg@{samples}": avg_at_k(counts, samples),
+           f"{dataset}/response_length/mean": sum(p[2] for p in problems) / max(drawn, 1),
+           f"{dataset}/truncated_frac": sum(p[3] for p in problems) / max(drawn, 1)}
+    out.update({f"{dataset}/pass@{k}": mean_pass_at_k(counts, samples, k) for k in default_ks(samples)})
+    return out
+
+
+def per_problem(prompt_index: Sequence[int], rewards: Sequence[float], response_lengths: Sequence[int],
+                truncated: Sequence[bool], num_prompts: int) -> list[tuple[int, int, int, int]]:
+    """(correct, samples drawn, response tokens, truncated samples) for each of `num_prompts` prompts."""
+    out = [[0, 0, 0, 0] for _ in range(num_prompts)]
+    for j, reward, length, cut in zip(prompt_index, rewards, response_lengths, truncated, strict=True):
+        row = out[j]
+        row[0] += int(reward > 0)
+        row[1] += 1
+        row[2] += int(length)
+        row[3] += int(cut)
+    return [(a, b, c, d) for a, b, c, d in out]

@@ -10,7 +10,7 @@ GAE runs on response-aligned [N, R] views (`to_response` / `to_full` convert).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +33,8 @@ class Samples:
     """Index of each sample's prompt in the list handed to `sample_and_score` (after
     `gather_samples`, indices into each contributing rank's own list)."""
     num_skipped_prompts: int = 0
+    rollout_logprobs: list[list[float]] = field(default_factory=list)
+    """The rollout engine's log-prob of each response token (empty: not recorded)."""
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -54,7 +56,9 @@ def sample_and_score(engine: RolloutEngine, prompts: Sequence[Sequence[int]], an
                    response_ids=[list(r) for r in batch.response_token_ids],
                    rewards=[float(r) for r in rewards],
                    truncated=[reason == "length" for reason in batch.finish_reasons], prompt_index=index,
-                   num_skipped_prompts=batch.num_skipped_prompts)
+                   num_skipped_prompts=batch.num_skipped_prompts,
+                   rollout_logprobs=[batch.rollout_logprobs[i, :len(r)].tolist()
+                                     for i, r in enumerate(batch.response_token_ids)])
 
 
 def gather_samples(local: Samples, group: dist.ProcessGroup | None, contributes: bool) -> Samples:
@@ -78,6 +82,7 @@ def gather_samples(local: Samples, group: dist.ProcessGroup | None, contributes:
         out.truncated += part.truncated
         out.prompt_index += part.prompt_index
         out.num_skipped_prompts += part.num_skipped_prompts
+        out.rollout_logprobs += part.rollout_logprobs
     return out
 
 
@@ -92,6 +97,8 @@ class Experience:
     response_lens: Tensor   # [N] int64
     rewards: Tensor         # [N] float32
     truncated: Tensor       # [N] bool
+    rollout_log_probs: Tensor | None = None   # [N, S] float32 on response tokens: the rollout engine's
+    actor_log_probs: Tensor | None = None     # [N, S]: the actor's old log-probs, once computed
 
     @property
     def max_response_len(self) -> int:
@@ -155,4 +162,22 @@ def build_experience(samples: Samples, pad_token_id: int) -> Experience:
                       prompt_lens=torch.tensor([len(p) for p in samples.prompt_ids]),
                       response_lens=torch.tensor([len(r) for r in samples.response_ids]),
                       rewards=torch.tensor(samples.rewards, dtype=torch.float32),
-                      truncated=torch.tensor(samples.truncated, dtype=torch.bool))
+                      truncated=torch.tensor(samples.truncated, dtype=torch.bool),
+                      rollout_log_probs=_rollout_log_probs(samples, ids.shape))
+
+
+def _rollout_log_probs(samples: Samples, shape: torch.Size) -> Tensor | None:
+    """[N, S] rollout log-probs on the response tokens' own positions; None when not recorded."""
+    if len(samples.rollout_logprobs) != len(samples):
+        return None
+    out = torch.zeros(shape)
+    for i, (p, lp) in enumerate(zip(samples.prompt_ids, samples.rollout_logprobs)):
+        out[i, len(p):len(p) + len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    return out
+
+
+def logprob_abs_diff(exp: Experience) -> Tensor | None:
+    """[N, R] |actor old log-prob - rollout log-prob| per response token; None unless both are known."""
+    if exp.rollout_log_probs is None or exp.actor_log_probs is None:
+        return None
+    return exp.to_response((exp.actor_log_probs.float() - exp.rollout_log_probs).abs())

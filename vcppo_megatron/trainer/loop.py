@@ -30,7 +30,6 @@ import torch.distributed as dist
 
 from vcppo_megatron.algorithms.gae import decoupled_gae, whiten_advantages
 from vcppo_megatron.algorithms.metrics import MetricAccumulator
-from vcppo_megatron.algorithms.pass_at_k import avg_at_k, default_ks, mean_pass_at_k
 from vcppo_megatron.algorithms.position_stats import PositionStats
 from vcppo_megatron.checkpoint import HF_SUBDIR, copy_hf_files
 from vcppo_megatron.checkpoint.dist import (
@@ -56,10 +55,11 @@ from vcppo_megatron.rollout.sync import (
 )
 from vcppo_megatron.trainer import setup
 from vcppo_megatron.trainer.colocation import Colocation, rollout_memory
-from vcppo_megatron.trainer.evaluation import sampling
+from vcppo_megatron.trainer.evaluation import held_out_metrics, per_problem, sampling, split_by_set
 from vcppo_megatron.trainer.experience import (
     build_experience,
     gather_samples,
+    logprob_abs_diff,
     sample_and_score,
     values_of_tokens,
 )
@@ -133,7 +133,7 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-        self.train_set, self.eval_set = setup.load_prompt_sets(cfg, self.tokenizer)
+        self.train_set, self.eval_sets = setup.load_prompt_sets(cfg, self.tokenizer)
         self.order = PromptOrder(len(self.train_set.prompt_ids), seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
         self.max_tokens_per_mb = cfg.batch.micro_batch_size * (cfg.rollout.max_prompt_tokens
                                                                + cfg.rollout.max_response_tokens)
@@ -328,6 +328,7 @@ class Trainer:
         if train_actor:
             with self.actor.eval_mode():
                 old_lp = self.actor.forward_backward(batch, None, True)["outputs"]["log_probs"]
+            exp.actor_log_probs = old_lp            # for rollout/logprob_abs_diff (vLLM vs actor)
         times["values"] = time.perf_counter() - t
         t = time.perf_counter()
         resp_mask, values_r = exp.response_mask(), exp.to_response(values)
@@ -387,6 +388,9 @@ class Trainer:
         positions.add("returns", ret_r, resp_mask)
         if phase == "rl":
             acc.add_stats("actor/advantages", adv_r, resp_mask)
+            lp_diff = logprob_abs_diff(exp)
+            if lp_diff is not None:
+                acc.add_stats("rollout/logprob_abs_diff", lp_diff, resp_mask)
             positions.add("advantages", adv_r, resp_mask)
         for res in results.values():
             acc.add_shares({k: torch.tensor(v, dtype=torch.float64) for k, v in res.shares.items()})
@@ -414,37 +418,41 @@ class Trainer:
         dist.all_gather_object(parts, local if self.rank % self.rollout_tp == 0 else None)
         return [x for p in parts if p is not None for x in p]
 
-    def _greedy_accuracy(self) -> float:
-        """Greedy accuracy on the held-out set (each rollout replica scores its share)."""
-        ids, answers = self.eval_set.prompt_ids, self.eval_set.answers
+    @property
+    def _num_held_out(self) -> int:
+        return sum(len(h.prompt_ids) for h in self.eval_sets)
+
+    def _score_held_out(self, samples: int, seed: int, greedy: bool) -> list[list[tuple[int, int, int, int]]]:
+        """Per held-out set, per problem: (correct, samples, tokens, truncated); replicas score shares."""
+        ids = [p for held in self.eval_sets for p in held.prompt_ids]
+        answers = [a for held in self.eval_sets for a in held.answers]
         mine = list(range(self.replica, len(ids), self.replicas))
         with self.colocation.generating():
             s = sample_and_score(self.rollout, [ids[i] for i in mine], [answers[i] for i in mine], self.tokenizer,
-                                 samples_per_prompt=1, seed=0, reward_cfg=self.cfg.reward, greedy=True)
-        correct = self._gather_counts([int(r > 0) for r in s.rewards])
-        return sum(correct) / max(len(correct), 1)
+                                 samples_per_prompt=samples, seed=seed, reward_cfg=self.cfg.reward, greedy=greedy)
+        local = per_problem(s.prompt_index, s.rewards, [len(r) for r in s.response_ids], s.truncated, len(mine))
+        return split_by_set(self._gather_counts(local), [len(h.prompt_ids) for h in self.eval_sets], self.replicas)
+
+    def _greedy_accuracy(self, step: int) -> float:
+        """Greedy accuracy of each held-out set (`eval/<set>/accuracy` at `step`); returns it over all sets."""
+        per_set = self._score_held_out(1, 0, greedy=True)
+        m = {f"{h.name}/accuracy": sum(p[0] for p in rows) / len(rows) for h, rows in zip(self.eval_sets, per_set)}
+        self.writer.scalars("eval", m, step)
+        if len(per_set) > 1:
+            self._print(f"== greedy accuracy at RL step {step}: "
+                        + ", ".join(f"{h.name} {m[h.name + '/accuracy']:.3f} ({len(h.prompt_ids)} problems)"
+                                    for h in self.eval_sets))
+        return sum(p[0] for rows in per_set for p in rows) / sum(len(rows) for rows in per_set)
 
     def _sampled_eval(self, step: int) -> dict[str, float]:
-        """avg@k and pass@k on the held-out set (top-p / temperature of trainer.eval_*)."""
+        """avg@k and pass@k on each held-out set (top-p / temperature of trainer.eval_*)."""
         tc, n = self.cfg.trainer, self.cfg.trainer.eval_samples
-        ids, answers = self.eval_set.prompt_ids, self.eval_set.answers
-        mine = list(range(self.replica, len(ids), self.replicas))
         t = time.perf_counter()
-        with sampling(self.rollout, tc.eval_temperature, tc.eval_top_p), self.colocation.generating():
-            s = sample_and_score(self.rollout, [ids[i] for i in mine], [answers[i] for i in mine],
-                                 self.tokenizer, samples_per_prompt=n, seed=self._step_seed("rl", step) + 17,
-                                 reward_cfg=self.cfg.reward)
-        per_problem = [0] * len(mine)
-        for j, r in zip(s.prompt_index, s.rewards):
-            per_problem[j] += int(r > 0)
-        counts = self._gather_counts(per_problem)
-        lengths = self._gather_counts([len(r) for r in s.response_ids])
-        truncated = self._gather_counts([int(x) for x in s.truncated])
-        name = self.eval_set.name
-        m = {f"{name}/avg@{n}": avg_at_k(counts, n),
-             f"{name}/response_length/mean": sum(lengths) / max(len(lengths), 1),
-             f"{name}/truncated_frac": sum(truncated) / max(len(truncated), 1)}
-        m.update({f"{name}/pass@{k}": mean_pass_at_k(counts, n, k) for k in default_ks(n)})
+        with sampling(self.rollout, tc.eval_temperature, tc.eval_top_p):
+            per_set = self._score_held_out(n, self._step_seed("rl", step) + 17, greedy=False)
+        m: dict[str, float] = {}
+        for held, rows in zip(self.eval_sets, per_set):
+            m.update(held_out_metrics(held.name, rows, n))
         m["time/eval_s"] = time.perf_counter() - t
         self.writer.scalars("eval", m, step)
         return m
@@ -531,22 +539,22 @@ class Trainer:
                 self._save(tc.value_pretrain_steps, actor=False)
             if self.state["phase"] == "rl":
                 if self.state["phase_step"] == 0 and "accuracy_before" not in self.summary:
-                    self.summary["accuracy_before"] = self._greedy_accuracy()
+                    self.summary["accuracy_before"] = self._greedy_accuracy(0)
                     self.writer.scalars("eval", {"accuracy": self.summary["accuracy_before"]}, 0)
                     self._print(f"== greedy accuracy before RL: {self.summary['accuracy_before']:.3f} "
-                                f"on {len(self.eval_set.prompt_ids)} held-out problems")
+                                f"on {self._num_held_out} held-out problems")
                 if tc.num_steps and not self._phase_loop("rl", tc.num_steps, request, tc.value_pretrain_steps):
                     return {"stopped": True}
                 self.state.update(phase="done", phase_step=0)
                 self._save(tc.value_pretrain_steps + tc.num_steps, actor=True)
-        self.summary["accuracy_after"] = self._greedy_accuracy()
+        self.summary["accuracy_after"] = self._greedy_accuracy(tc.num_steps)
         self.writer.scalars("eval", {"accuracy": self.summary["accuracy_after"]}, tc.num_steps)
         final = self._sampled_eval(tc.num_steps)
         self.writer.close()
         self.summary.update(final_eval=final, wall_time_s=time.perf_counter() - t0,
                             tensorboard=str(self.out / "tensorboard"), checkpoints=str(self.ckpt_root))
         before = self.summary.get("accuracy_before", float("nan"))
-        self._print(f"== greedy accuracy on {len(self.eval_set.prompt_ids)} held-out problems: before RL "
+        self._print(f"== greedy accuracy on {self._num_held_out} held-out problems: before RL "
                     f"{before:.3f} -> after RL {self.summary['accuracy_after']:.3f}\n"
                     + "".join(f"   {k} {v:.3f}\n" for k, v in final.items() if not k.startswith("time/"))
                     + f"== wall time {self.summary['wall_time_s']:.0f}s; TensorBoard logs: {self.out / 'tensorboard'}"

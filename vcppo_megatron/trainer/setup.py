@@ -57,6 +57,7 @@ def check_layout(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"trainer.sft_steps = {cfg.trainer.sft_steps} with data.train_path set: the SFT cold "
                           f"start needs chain-of-thought solutions, which only the synthetic task has; "
                           f"expected trainer.sft_steps = 0 (start from an SFT checkpoint in actor.model_path)")
+    eval_paths(cfg)
     _check_synthetic_fits(cfg)
 
 
@@ -133,23 +134,45 @@ def _synthetic_set(name: str, count: int, seed: int, cfg: Config, tokenizer: Any
                      [p.answer for p in problems], [p.prompt for p in problems])
 
 
-def _file_set(path: str, cfg: Config, tokenizer: Any) -> PromptSet:
+def _file_set(path: str, cfg: Config, tokenizer: Any, show_example: bool = False) -> PromptSet:
     """Problems of a jsonl / parquet file, formatted with `data.prompt_template`."""
     d = cfg.data
-    rows, report = load_problems(path, problem_key=d.problem_key, answer_key=d.answer_key, on_bad_row=d.on_bad_row)
+    rows, report = load_problems(path, problem_key=d.problem_key, answer_key=d.answer_key,
+                                 answer_format=d.answer_format, on_bad_row=d.on_bad_row)
+    prompts = [encode_prompt(r.problem, tokenizer, d.prompt_template) for r in rows]
     if dist.get_rank() == 0:
         print(report.summary(), flush=True)
-    return PromptSet(Path(path).stem, [encode_prompt(r.problem, tokenizer, d.prompt_template) for r in rows],
-                     [r.answer for r in rows], [r.problem for r in rows])
+        if show_example:        # what the model sees: the template, the instruction, the problem
+            print(f"== example prompt ({rows[0].location}, {len(prompts[0])} tokens, data.prompt_template = "
+                  f"{d.prompt_template}, answer {rows[0].answer!r}): {tokenizer.decode(prompts[0])!r}", flush=True)
+    return PromptSet(Path(path).stem, prompts, [r.answer for r in rows], [r.problem for r in rows])
 
 
-def load_prompt_sets(cfg: Config, tokenizer: Any) -> tuple[PromptSet, PromptSet]:
-    """(training prompts, held-out prompts): from data files, or the synthetic task (seeded)."""
+def eval_paths(cfg: Config) -> list[str]:
+    """`data.eval_path` as a list of files (empty: the synthetic held-out set); names must differ."""
+    paths = cfg.data.eval_path
+    paths = [] if paths is None else [paths] if isinstance(paths, str) else list(paths)
+    if cfg.data.eval_path is not None and not paths:
+        raise ConfigError("data.eval_path = []: expected a file, a list of files, or null (synthetic held-out set)")
+    names: dict[str, str] = {}
+    for path in paths:
+        name = Path(path).stem
+        if name in names:
+            raise ConfigError(f"data.eval_path: {names[name]!r} and {path!r} would both report as {name!r} "
+                              f"(each held-out set is named by its file name without suffix): expected "
+                              f"distinct file names")
+        names[name] = path
+    return paths
+
+
+def load_prompt_sets(cfg: Config, tokenizer: Any) -> tuple[PromptSet, list[PromptSet]]:
+    """(training prompts, held-out sets): from data files, or the synthetic task (seeded)."""
     d, seed = cfg.data, cfg.trainer.seed
     train = (_synthetic_set("synthetic", d.synthetic_problems, seed * 7 + 3, cfg, tokenizer) if d.train_path is None
-             else _file_set(d.train_path, cfg, tokenizer))
-    held = (_synthetic_set("synthetic_eval", cfg.trainer.eval_problems, seed + 1, cfg, tokenizer) if d.eval_path is None
-            else _file_set(d.eval_path, cfg, tokenizer))
+             else _file_set(d.train_path, cfg, tokenizer, show_example=True))
+    paths = eval_paths(cfg)
+    held = ([_file_set(p, cfg, tokenizer) for p in paths] if paths else
+            [_synthetic_set("synthetic_eval", cfg.trainer.eval_problems, seed + 1, cfg, tokenizer)])
     return train, held
 
 
