@@ -35,6 +35,7 @@ from vcppo_megatron.engines.batching import MicroBatch, split_micro_batches
 from vcppo_megatron.models import build_gpt_model
 from vcppo_megatron.models.registry import hf_get
 from vcppo_megatron.parallel.groups import RoleLayout
+from vcppo_megatron.parallel.launch import read_launch_env
 
 # (outputs of the last stage for one micro-batch, the micro-batch) -> (loss share, additive metrics)
 LossFn = Callable[[dict[str, Tensor], dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
@@ -83,6 +84,32 @@ RECOMPUTE: dict[str, dict[str, Any]] = {
 }
 
 
+def engine_device() -> torch.device:
+    """The device this rank's engines live on: cuda:<LOCAL_RANK> when CUDA is available (the GPU
+    `setup_device` / `init_distributed` selected; megatron allocates on the current device, so the
+    two must agree), else cpu. Chosen explicitly: a model's first parameter is no guide (on a
+    pipeline stage after the first it is a norm weight, built wherever the norm was built)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = read_launch_env().local_rank
+    if torch.cuda.current_device() != local_rank:
+        raise RuntimeError(f"current CUDA device is {torch.cuda.current_device()}, expected LOCAL_RANK "
+                           f"{local_rank}: something (a rollout engine?) moved it; call "
+                           f"torch.cuda.set_device({local_rank}) before building the engines")
+    return torch.device("cuda", local_rank)
+
+
+def place_on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move every parameter and buffer of `model` to `device` (megatron builds its own layers on the
+    current device, torch modules such as the norms and the value head on the host) and check."""
+    model.to(device)
+    stray = sorted({f"{name} on {t.device}" for name, t in [*model.named_parameters(), *model.named_buffers()]
+                    if t.device != device})
+    if stray:
+        raise RuntimeError(f"model tensors not on {device} after moving it: {stray[:5]}")
+    return model
+
+
 class EngineCore:
     """Model chunk + DDP + optimizer + scheduler + schedule runner for one role's layout."""
 
@@ -115,8 +142,8 @@ class EngineCore:
             # no experts; megatron rejects the default "allgather" dispatcher with variable lengths
             moe_token_dispatcher_type="alltoall")
         self.config = model.config
-        self.raw_model = model
-        self.device = next(model.parameters()).device   # micro-batches go here; outputs come back to CPU
+        self.device = engine_device()                   # micro-batches go here; outputs come back to CPU
+        self.raw_model = place_on(model, self.device)   # before DDP: its buffers take the params' device
         self.ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True)
         self.model = DistributedDataParallel(self.config, self.ddp_config, model, pg_collection=pgs)
