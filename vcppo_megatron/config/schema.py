@@ -33,6 +33,14 @@ class ParallelConfig:
     """Megatron sequence parallelism: shard norm/residual activations over the TP ranks (needs tensor_parallel_size > 1)."""
     recompute_activations: Literal["none", "full"] = "none"
     """`full`: keep only each layer's input and recompute the layer in the backward pass (long sequences); `none`: keep all activations."""
+    overlap_grad_reduce: bool = False
+    """Reduce-scatter each bucket of gradients over data parallelism as soon as the last micro-batch's backward pass has produced it, overlapping the rest of the backward pass (megatron DDP); off: one reduce after the backward pass."""
+    overlap_param_gather: bool = False
+    """All-gather the parameters updated by the distributed optimizer bucket by bucket during the next forward pass instead of right after the step (needs `overlap_grad_reduce`); the weight sync and checkpoints wait for the gather first."""
+    ddp_bucket_size: int | None = param(None, ge=1)
+    """Parameters per gradient-reduce / parameter-gather bucket when overlapping; null: megatron's default, max(40M, 1M x data-parallel size)."""
+    grad_reduce_in_fp32: bool = True
+    """Accumulate and reduce gradients in fp32; false keeps them in `params_dtype` (bf16: half the reduce traffic and gradient memory, less precise sums)."""
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from vcppo_megatron.config.schema import OptimConfig
 from vcppo_megatron.engines.batching import MicroBatch, split_micro_batches
 from vcppo_megatron.models import build_gpt_model
 from vcppo_megatron.models.registry import hf_get
+from vcppo_megatron.parallel.ddp import gather_params
 from vcppo_megatron.parallel.groups import RoleLayout
 from vcppo_megatron.parallel.launch import read_launch_env
 
@@ -117,11 +118,17 @@ class EngineCore:
                  value_head: bool, optim: OptimConfig, total_steps: int = 1,
                  max_tokens_per_micro_batch: int = 4096, params_dtype: torch.dtype = torch.float32,
                  attention_backend: str = "auto", sequence_parallel: bool = False,
-                 recompute_activations: str = "none", seed: int = 0) -> None:
+                 recompute_activations: str = "none", seed: int = 0, overlap_grad_reduce: bool = False,
+                 overlap_param_gather: bool = False, ddp_bucket_size: Optional[int] = None,
+                 grad_reduce_in_fp32: bool = True,
+                 prepare_model: Optional[Callable[[torch.nn.Module], None]] = None) -> None:
         self.hf_config, self.pgs, self.layout = hf_config, pgs, layout
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         if sequence_parallel and layout.tp == 1:
             raise ValueError("sequence_parallel=True needs tensor parallelism (TP > 1), got TP=1")
+        if overlap_param_gather and not overlap_grad_reduce:
+            raise ValueError("parallel.overlap_param_gather=True needs parallel.overlap_grad_reduce=True "
+                             "(megatron overlaps the gather bucket by bucket, as it reduces)")
         if recompute_activations not in RECOMPUTE:
             raise ValueError(f"recompute_activations={recompute_activations!r}, expected one of "
                              f"{sorted(RECOMPUTE)}")
@@ -141,11 +148,15 @@ class EngineCore:
             variable_seq_lengths=True,
             # no experts; megatron rejects the default "allgather" dispatcher with variable lengths
             moe_token_dispatcher_type="alltoall")
+        if prepare_model is not None:       # e.g. a new output head: before DDP, which hooks every module
+            prepare_model(model)
         self.config = model.config
         self.device = engine_device()                   # micro-batches go here; outputs come back to CPU
         self.raw_model = place_on(model, self.device)   # before DDP: its buffers take the params' device
         self.ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True)
+            grad_reduce_in_fp32=grad_reduce_in_fp32, overlap_grad_reduce=overlap_grad_reduce,
+            overlap_param_gather=overlap_param_gather, bucket_size=ddp_bucket_size,
+            use_distributed_optimizer=True)
         self.model = DistributedDataParallel(self.config, self.ddp_config, model, pg_collection=pgs)
         self.config.no_sync_func = self.model.no_sync
         self.config.finalize_model_grads_func = _finalize_sum
@@ -253,6 +264,11 @@ class EngineCore:
         """Zero DDP grad buffers and the optimizer's main grads."""
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
+
+    def gather_params(self) -> None:
+        """Make every parameter whole before it is read outside a forward pass (with
+        `overlap_param_gather` the step leaves the other DP ranks' shards to the next forward)."""
+        gather_params(self.model)
 
     def step(self) -> dict[str, float]:
         """Optimizer step (grad clip inside) and LR schedule step: grad_norm, lr, stepped."""

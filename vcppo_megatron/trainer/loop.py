@@ -159,16 +159,24 @@ class Trainer:
                             **self._parallel_options(self.cfg.actor.parallel))
 
     def _describe_parallel(self) -> str:
-        """One line: each role's sequence parallelism and activation recompute, as the engines run."""
-        parts = [f"{role}: sequence parallel {'on' if core.config.sequence_parallel else 'off'}, activation "
-                 f"recompute {core.config.recompute_granularity or 'none'}"
-                 for role, core in (("actor", self.actor.core), ("critic", self.critic.core))]
-        return "; ".join(parts)
+        """Each role's sequence parallelism and activation recompute (one line), then its layer spec
+        and data-parallel overlap (one line), as the engines run."""
+        on = {True: "on", False: "off"}
+        roles = (("actor", self.actor.core), ("critic", self.critic.core))
+        parts = [f"{role}: sequence parallel {on[core.config.sequence_parallel]}, activation "
+                 f"recompute {core.config.recompute_granularity or 'none'}" for role, core in roles]
+        ddp = [f"{role}: grad-reduce overlap {on[core.ddp_config.overlap_grad_reduce]}, param-gather overlap "
+               f"{on[core.ddp_config.overlap_param_gather]}, gradients reduced in "
+               f"{'fp32' if core.ddp_config.grad_reduce_in_fp32 else 'params_dtype'}" for role, core in roles]
+        return "; ".join(parts) + "\n" + "; ".join(ddp)
 
     def _parallel_options(self, parallel: Any) -> dict[str, Any]:
         """A role's engine options from its `parallel` section (the layout itself is in self.layout)."""
         return dict(sequence_parallel=parallel.sequence_parallel,
-                    recompute_activations=parallel.recompute_activations, seed=self.cfg.trainer.seed)
+                    recompute_activations=parallel.recompute_activations, seed=self.cfg.trainer.seed,
+                    overlap_grad_reduce=parallel.overlap_grad_reduce,
+                    overlap_param_gather=parallel.overlap_param_gather,
+                    ddp_bucket_size=parallel.ddp_bucket_size, grad_reduce_in_fp32=parallel.grad_reduce_in_fp32)
 
     def _print(self, text: str) -> None:
         if self.rank == self.log_rank:
@@ -273,6 +281,7 @@ class Trainer:
                 self.writer.scalars("sft", m, step)
                 if self.rank == self.log_rank and ((step + 1) % 10 == 0 or step + 1 == steps):
                     print(f"{progress.format(step, {})}  loss {m['loss']:.4f}", flush=True)
+        sft.core.gather_params()                 # with overlap_param_gather: whole parameters first
         self.actor.core.raw_model.load_state_dict(sft.core.raw_model.state_dict())
         self.actor.core.optimizer.reload_model_params()
         del sft
