@@ -32,6 +32,7 @@ from vcppo_megatron.checkpoint import hf_to_megatron, load_into_model, pp_stage,
 from vcppo_megatron.checkpoint.hf_weights import hf_sources, hf_to_megatron_param
 from vcppo_megatron.config.schema import OptimConfig
 from vcppo_megatron.engines.batching import MicroBatch, split_micro_batches
+from vcppo_megatron.engines.host_offload import OptimizerStateOffload
 from vcppo_megatron.models import build_gpt_model
 from vcppo_megatron.models.registry import hf_get
 from vcppo_megatron.parallel.ddp import gather_params
@@ -176,6 +177,8 @@ class EngineCore:
         self._schedule = get_forward_backward_func(pp_size=layout.pp, vp_size=None)
         self._p2p = P2PCommunicator(pp_group=pgs.pp, config=self.config) if layout.pp > 1 else None
         self.offloaded = False
+        # pinned, reused host buffers for the optimizer state (what megatron's offload_to_cpu moves)
+        self.state_offload = OptimizerStateOffload(self.device)
 
     # ---- weights ----------------------------------------------------------------------------
     def load_megatron_state(self, full_state: dict[str, Tensor], *, tie_word_embeddings: bool) -> None:
