@@ -75,6 +75,8 @@ class ActorConfig:
     """Optimizer of the actor (VC-PPO §4: lr 1e-6)."""
     params_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Dtype of the training weights and activations; the distributed optimizer keeps fp32 master weights and reduces gradients in fp32."""
+    layer_spec: Literal["auto", "transformer_engine", "local"] = "auto"
+    """Megatron layer spec: `transformer_engine` (fused norm + linear, TE attention; needs Transformer Engine and a GPU), `local` (megatron's own layers, torch SDPA attention), `auto` (Transformer Engine when it imports on a GPU, else local). Printed at start."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class CriticConfig:
     """Optimizer of the critic (VC-PPO §4: lr 2e-6)."""
     params_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Dtype of the training weights and activations; the distributed optimizer keeps fp32 master weights and reduces gradients in fp32."""
+    layer_spec: Literal["auto", "transformer_engine", "local"] = "auto"
+    """Megatron layer spec of the critic (as `actor.layer_spec`)."""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from vcppo_megatron.checkpoint import hf_to_megatron, load_into_model, pp_stage, tp_shard
-from vcppo_megatron.checkpoint.hf_weights import hf_sources, hf_to_megatron_param
+from vcppo_megatron.checkpoint.hf_weights import hf_sources, hf_to_megatron_param, layer_spec_of, spec_name
 from vcppo_megatron.config.schema import OptimConfig
 from vcppo_megatron.engines.batching import MicroBatch, split_micro_batches
 from vcppo_megatron.engines.host_offload import OptimizerStateOffload
@@ -152,6 +152,8 @@ class EngineCore:
         if prepare_model is not None:       # e.g. a new output head: before DDP, which hooks every module
             prepare_model(model)
         self.config = model.config
+        # the Megatron name layout of this model ('local' or 'transformer_engine'; hf_weights.py)
+        self.layer_spec = layer_spec_of(model.state_dict())
         self.device = engine_device()                   # micro-batches go here; outputs come back to CPU
         self.raw_model = place_on(model, self.device)   # before DDP: its buffers take the params' device
         self.ddp_config = DistributedDataParallelConfig(
@@ -185,6 +187,7 @@ class EngineCore:
         """Load a full (TP=1, PP=1) Megatron state dict: this rank's TP shard of its PP stage."""
         layers = stage_layers(hf_get(self.hf_config, "num_hidden_layers"), self.layout)
         groups = hf_get(self.hf_config, "num_key_value_heads") or hf_get(self.hf_config, "num_attention_heads")
+        full_state = {spec_name(k, self.layer_spec): v for k, v in full_state.items()}   # either layout in
         stage = pp_stage(full_state, layers=layers, pre_process=self.layout.is_first_stage,
                          post_process=self.layout.is_last_stage, tie_word_embeddings=tie_word_embeddings)
         shards = {k: tp_shard(k, v, tp_rank=self.layout.tp_rank, tp_size=self.layout.tp,

@@ -41,11 +41,12 @@ from vcppo_megatron.checkpoint.dist import (
     save_checkpoint,
     step_dir_name,
 )
-from vcppo_megatron.config import derive_batch_sizes
+from vcppo_megatron.config import ConfigError, derive_batch_sizes
 from vcppo_megatron.config.schema import Config
 from vcppo_megatron.data.prompts import PromptOrder
 from vcppo_megatron.engines import PolicyEngine, ValueEngine
 from vcppo_megatron.logging import MetricWriter, ProgressLine
+from vcppo_megatron.models.registry import LAYER_SPEC_BACKENDS, check_transformer_engine
 from vcppo_megatron.parallel.groups import build_role_groups
 from vcppo_megatron.rollout import RolloutEngine
 from vcppo_megatron.rollout.sync import (
@@ -111,6 +112,12 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         setup.check_layout(cfg, self.world)
+        for role in ("actor", "critic"):           # before anything is built: name the field
+            if getattr(cfg, role).layer_spec == "transformer_engine":
+                try:
+                    check_transformer_engine()
+                except ValueError as err:
+                    raise ConfigError(f"{role}.layer_spec = transformer_engine: {err}") from None
         self.sizes = derive_batch_sizes(cfg, self.world)
         self.out = Path(cfg.trainer.output_dir)
         self.ckpt_root = self.out / "checkpoints"
@@ -141,7 +148,8 @@ class Trainer:
         self.critic = ValueEngine(self.hf_config if cfg.critic.model_path is None
                                   else setup.read_hf_config(Path(cfg.critic.model_path)),
                                   self.critic_pgs, self.layout, optim=cfg.critic.optim,
-                                  max_tokens_per_micro_batch=self.max_tokens_per_mb, attention_backend="auto",
+                                  max_tokens_per_micro_batch=self.max_tokens_per_mb,
+                                  attention_backend=LAYER_SPEC_BACKENDS[cfg.critic.layer_spec],
                                   params_dtype=getattr(torch, cfg.critic.params_dtype),
                                   **self._parallel_options(cfg.critic.parallel))
         self.writer = MetricWriter(self.out / "tensorboard", enabled=self.rank == self.log_rank)
@@ -155,7 +163,8 @@ class Trainer:
     def _policy_engine(self, optim: Any, total_steps: int) -> PolicyEngine:
         return PolicyEngine(self.hf_config, self.actor_pgs, self.layout, optim=optim,
                             max_tokens_per_micro_batch=self.max_tokens_per_mb, total_steps=max(total_steps, 1),
-                            attention_backend="auto", params_dtype=getattr(torch, self.cfg.actor.params_dtype),
+                            attention_backend=LAYER_SPEC_BACKENDS[self.cfg.actor.layer_spec],
+                            params_dtype=getattr(torch, self.cfg.actor.params_dtype),
                             **self._parallel_options(self.cfg.actor.parallel))
 
     def _describe_parallel(self) -> str:
@@ -165,7 +174,7 @@ class Trainer:
         roles = (("actor", self.actor.core), ("critic", self.critic.core))
         parts = [f"{role}: sequence parallel {on[core.config.sequence_parallel]}, activation "
                  f"recompute {core.config.recompute_granularity or 'none'}" for role, core in roles]
-        ddp = [f"{role}: grad-reduce overlap {on[core.ddp_config.overlap_grad_reduce]}, param-gather overlap "
+        ddp = [f"{role}: layer spec {core.layer_spec}, grad-reduce overlap {on[core.ddp_config.overlap_grad_reduce]}, param-gather overlap "
                f"{on[core.ddp_config.overlap_param_gather]}, gradients reduced in "
                f"{'fp32' if core.ddp_config.grad_reduce_in_fp32 else 'params_dtype'}" for role, core in roles]
         return "; ".join(parts) + "\n" + "; ".join(ddp)
