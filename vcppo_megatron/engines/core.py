@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from functools import partial
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -225,6 +225,67 @@ class EngineCore:
                                      f"rank, the model expects {tuple(target.shape)}")
                 target.copy_(shard)
         self._reload_main_params()
+
+    def load_hf_stream(self, named_tensors: Iterable[tuple[str, Tensor]], *, tie_word_embeddings: bool,
+                       extra: Optional[dict[str, Tensor]] = None) -> dict[str, int]:
+        """Load this rank's shards from a stream of full HF tensors (e.g. another engine's weight-sync
+        buckets), consuming it to the end (its producer may hold collectives). A tensor is kept only
+        while a parameter of this stage still needs it: each parameter is converted, TP-sliced and
+        copied in as soon as its sources have arrived. `extra` as in `load_hf_params`. Returns
+        {"max_held_bytes": most bytes of stream tensors held at once, "params": parameters loaded}."""
+        layers = list(stage_layers(hf_get(self.hf_config, "num_hidden_layers"), self.layout))
+        groups = hf_get(self.hf_config, "num_key_value_heads") or hf_get(self.hf_config, "num_attention_heads")
+        extra = extra or {}
+        targets: dict[str, tuple[str, Tensor, list[str]]] = {}  # global name -> (local name, param, sources)
+        needed_by: dict[str, list[str]] = {}                       # HF name -> global Megatron names
+        for name, target in self.raw_model.state_dict().items():
+            if name.endswith("_extra_state"):
+                continue
+            if name in extra:
+                self._copy_shard(name, extra[name], target, groups)
+                continue
+            parts = name.split(".")
+            if name.startswith("decoder.layers."):
+                parts[2] = str(layers[int(parts[2])])
+            global_name = ".".join(parts)
+            sources = hf_sources(global_name, tie_word_embeddings=tie_word_embeddings)
+            targets[global_name] = (name, target, sources)
+            for source in sources:
+                needed_by.setdefault(source, []).append(global_name)
+        uses = {source: len(names) for source, names in needed_by.items()}   # parameters still to load
+        held: dict[str, Tensor] = {}
+        max_held, loaded = 0, 0
+        for hf_name, tensor in named_tensors:
+            if hf_name not in needed_by:
+                continue                                   # another stage's (or the lm_head)
+            held[hf_name] = tensor
+            max_held = max(max_held, sum(t.numel() * t.element_size() for t in held.values()))
+            for global_name in needed_by[hf_name]:
+                name, target, sources = targets.get(global_name, (None, None, ()))
+                if name is None or not all(s in held for s in sources):
+                    continue
+                full = hf_to_megatron_param(global_name, [held[s] for s in sources], num_query_groups=groups)
+                self._copy_shard(name, full, target, groups)
+                del targets[global_name], full
+                loaded += 1
+                for s in sources:
+                    uses[s] -= 1
+                    if uses[s] == 0:
+                        del held[s]
+        if targets:
+            raise KeyError(f"the HF tensor stream lacked the sources of {sorted(targets)[:5]} "
+                           f"({len(targets)} parameters in all)")
+        self._reload_main_params()
+        return {"max_held_bytes": max_held, "params": loaded}
+
+    def _copy_shard(self, name: str, full: Tensor, target: Tensor, groups: int) -> None:
+        """Copy this TP rank's shard of the full parameter `full` into `target`, checking the shape."""
+        shard = tp_shard(name, full, tp_rank=self.layout.tp_rank, tp_size=self.layout.tp, num_query_groups=groups)
+        if shard.shape != target.shape:
+            raise ValueError(f"parameter {name}: the source gives shape {tuple(shard.shape)} on this rank, "
+                             f"the model expects {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(shard)
 
     def _reload_main_params(self) -> None:
         """Copy model params into the optimizer's fp32 main params after an in-place load."""

@@ -206,8 +206,8 @@ class Trainer:
         if self.cfg.critic.model_path is not None:
             self.critic.load_hf_dir(self.cfg.critic.model_path, init_from=self.cfg.critic.init_from)
             return
-        state = {name: t.clone() for name, t in iter_bucket_tensors(self._actor_hf_buckets())}
-        self.critic.load_hf_state(state, init_from="policy")
+        # streamed: every rank keeps only its stage's tensors, each until its parameters are loaded
+        self.critic.load_hf_stream(iter_bucket_tensors(self._actor_hf_buckets()))
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _save(self, global_step: int, *, actor: bool) -> None:
