@@ -10,6 +10,8 @@ loader, the per-parameter `load_hf_dir`, the weight-sync buckets, TP split / mer
 dist-checkpoint converters. Without TE, choosing it fails with a clear error."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -153,3 +155,18 @@ def test_transformer_engine_without_te_fails_clearly():
                                          r"choose layer_spec: local"):
         resolve_attention_backend("te")
     assert resolve_attention_backend("auto") == "sdpa"          # auto falls back to the local spec
+
+
+def test_trainer_names_the_field_when_te_is_missing(tmp_path):
+    from vcppo_megatron.config import ConfigError, load_config
+    from vcppo_megatron.models.registry import have_transformer_engine
+    from vcppo_megatron.trainer.loop import Trainer
+
+    if have_transformer_engine():
+        pytest.skip("Transformer Engine is installed here")
+    recipe = Path(__file__).resolve().parents[2] / "examples" / "tiny_cpu.yaml"
+    cfg = load_config(recipe, ["critic.layer_spec=transformer_engine",
+                                                 f"trainer.output_dir={tmp_path}"])
+    with one_gloo_rank(), pytest.raises(ConfigError, match=r"critic.layer_spec = transformer_engine: .*"
+                                                           r"needs Transformer Engine"):
+        Trainer(cfg)
