@@ -11,6 +11,8 @@
 #   MASTER_PORT       rendezvous port (default: derived from the job id)
 #   TRAIN_MODULE      python module to run (default: vcppo_megatron.train)
 #   MAX_REQUEUES      stop requeueing after this many restarts (default: 20)
+#   VLLM_CACHE_ROOT, TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR, HF_HOME, XDG_CACHE_HOME, ...
+#                     caches (default: under RUN_DIR/cache, not ~: see the caches block below)
 set -euo pipefail
 
 : "${RECIPE:?RECIPE must be set by the sbatch script}"
@@ -61,6 +63,21 @@ export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"                           # tole
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 export PYTHONUNBUFFERED=1
 export VCPPO_RUN_DIR="$RUN_DIR"
+
+# ---- caches: vLLM, Triton, TorchInductor, HF and the XDG roots default under ~, which a container
+# started with --no-container-mount-home may leave unwritable (or gone after the job); keep them in
+# the run directory (kept across requeues: compiled kernels are reused) unless already set ----
+CACHE_DIR="$RUN_DIR/cache"
+export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$CACHE_DIR/xdg}"                  # fallback root of many tools
+export XDG_CONFIG_HOME="${XDG_CONFIG_HOME:-$CACHE_DIR/xdg-config}"        # vLLM's config root reads it
+export VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-$CACHE_DIR/vllm}"              # torch.compile / CUDA-graph artefacts
+export VLLM_CONFIG_ROOT="${VLLM_CONFIG_ROOT:-$CACHE_DIR/vllm-config}"
+export VLLM_NO_USAGE_STATS="${VLLM_NO_USAGE_STATS:-1}"                     # no usage report (nor its file under ~)
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$CACHE_DIR/triton}"          # Triton kernels (vLLM, GAE)
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$CACHE_DIR/inductor}"
+export HF_HOME="${HF_HOME:-$CACHE_DIR/hf}"                                # transformers' module cache
+mkdir -p "$XDG_CACHE_HOME" "$XDG_CONFIG_HOME" "$VLLM_CACHE_ROOT" "$VLLM_CONFIG_ROOT" "$TRITON_CACHE_DIR" \
+         "$TORCHINDUCTOR_CACHE_DIR" "$HF_HOME"
 
 export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
 

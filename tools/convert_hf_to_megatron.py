@@ -2,7 +2,9 @@
 
 The output is a checkpoint root (`latest` -> `step_00000000/`) that loads into any TP/PP layout with
 vcppo_megatron.checkpoint.load_checkpoint; config, generation config and tokenizer files are copied
-into `step_00000000/hf/`. Streaming: tensors are read and written one at a time.
+into `step_00000000/hf/`. Streaming: tensors are read and written one at a time. `--layer-spec
+transformer_engine` writes Transformer Engine's names (norms fused into the next linear); the
+reverse converter reads either layout.
 
 Measured (2-core x86_64 CPU, random Qwen2-shaped model: hidden 1536, 20 layers, vocab 151936, tied;
 1.17B parameters, bf16, 2.2 GiB of safetensors in 5 shards): peak RSS 1.12-1.23 GiB for the whole
@@ -25,12 +27,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", required=True, type=Path, help="HF model directory (config.json + safetensors)")
     parser.add_argument("--out", required=True, type=Path, help="output checkpoint root directory")
+    parser.add_argument("--layer-spec", choices=("local", "transformer_engine"), default="local",
+                        help="Megatron name layout to write: the layer spec the checkpoint will be loaded into "
+                             "(actor.layer_spec / critic.layer_spec as resolved at start)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     args = parser.parse_args()
     from vcppo_megatron.checkpoint import convert_hf_to_megatron
 
     start = time.perf_counter()
-    step_dir = convert_hf_to_megatron(args.hf_dir, args.out, progress=not args.no_progress)
+    step_dir = convert_hf_to_megatron(args.hf_dir, args.out, layer_spec=args.layer_spec,
+                                      progress=not args.no_progress)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"wrote {step_dir} in {time.perf_counter() - start:.1f} s, peak RSS {peak:.2f} GiB")
 

@@ -389,6 +389,8 @@ def test_gpu_start_up_sizes_the_kv_cache_from_the_timeline(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     monkeypatch.setattr(engine_module, "_import_vllm", lambda: fake)
     build_model_dir(tmp_path)
+    for name, value in dict(RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)          # what launch.init_distributed exports (rollout TP 4: external launcher)
     small = dataclasses.replace(rollout_cfg, max_prompt_tokens=8, max_response_tokens=8)
     RolloutEngine(tmp_path, small, seed=0, enable_sleep_mode=True, gpu_memory_fraction=share)
     assert calls[0]["kv_cache_memory_bytes"] == rollout_cfg.kv_cache_bytes

@@ -135,3 +135,18 @@ def test_two_tasks_under_simulated_slurm_init_and_all_reduce():
         assert r["world"] == r["dist_world"] == 2 and r["launcher"] == "slurm" and r["backend"] == "gloo"
         assert r["sum"] == 3.0
         assert r["before"] is False and r["after"] is True   # one rank's signal stops every rank
+
+
+def test_srun_task_exports_the_torchrun_variables():
+    """srun sets only SLURM_*: the torchrun variables vLLM's external launcher reads are exported."""
+    from vcppo_megatron.parallel.launch import export_launch_env
+
+    environ = _slurm_env(3, MASTER_PORT="29555")
+    exported = export_launch_env(read_launch_env(environ), environ)
+    assert exported == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
+                        "GROUP_RANK": "1", "MASTER_ADDR": "gpu07", "MASTER_PORT": "29555"}
+    assert all(environ[k] == v for k, v in exported.items())
+    assert read_launch_env(environ).rank == 3          # read back as torchrun's: the same process
+    clash = _slurm_env(3, LOCAL_RANK="0")
+    with pytest.raises(LaunchError, match=r"'LOCAL_RANK': \('0', '1'\)"):
+        export_launch_env(read_launch_env(clash), clash)

@@ -6,11 +6,14 @@ device; every tensor stays a meta placeholder until torch DCP's writer asks the 
 so no mmap stays resident) and converted. Megatron reshards on load, so the result loads into any
 TP/PP layout. Megatron -> HF: a few layers at a time are loaded with partial sharded state dicts
 and their bytes streamed into safetensors shards whose headers are planned from the meta shapes.
-Peak host memory therefore follows the largest tensor / a few layers, not the model.
+Both directions handle either layer spec's names (local / Transformer Engine, hf_weights.py): the
+meta model is the local spec's, its checkpoint keys renamed. Peak host memory therefore follows the
+largest tensor / a few layers, not the model.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -37,7 +40,14 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
 
 from vcppo_megatron.checkpoint import dist as ckpt
-from vcppo_megatron.checkpoint.hf_weights import hf_sources, hf_to_megatron_param, megatron_to_hf
+from vcppo_megatron.checkpoint.hf_weights import (
+    LAYER_SPECS,
+    hf_sources,
+    hf_to_megatron_param,
+    layer_spec_of,
+    megatron_to_hf,
+    spec_name,
+)
 from vcppo_megatron.models.registry import SUPPORTED_ARCHITECTURES, _check_supported, hf_get
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth",
@@ -223,9 +233,36 @@ def copy_hf_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def _in_layout(sd: dict[str, Any], layer_spec: str) -> dict[str, Any]:
+    """A TP=1/PP=1 local-spec sharded state dict with its checkpoint keys in `layer_spec`'s names.
+
+    For Transformer Engine the two per-layer norms move into the linears after them, and the
+    `_extra_state` objects that TE modules have and local ones do not (core attention, final norm;
+    hf_weights.py) are added, holding None as the local layers' do (TE's set_extra_state ignores
+    None). A TE version whose model does not ask for one of them ignores it on load."""
+    if layer_spec == "local":
+        return sd
+    out: dict[str, Any] = {}
+    for name, item in sd.items():
+        item.key = spec_name(item.key, layer_spec)
+        out[name] = item
+        if isinstance(item, ShardedObject) and item.key.endswith("self_attention.linear_proj._extra_state"):
+            extra = name.replace("linear_proj._extra_state", "core_attention._extra_state")
+            out[extra] = dataclasses.replace(item, key=item.key.replace("linear_proj", "core_attention"))
+    # not a layer: one replicated object (converting runs on one rank: replica (0, 0, 0))
+    out["decoder.final_layernorm._extra_state"] = ShardedObject(
+        "decoder.final_layernorm._extra_state", None, (1,), (0,), (0, 0, 0))
+    return out
+
+
 def convert_hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                           progress: bool = True) -> Path:
-    """HF safetensors model directory -> Megatron dist checkpoint root `out_dir` (step 0); returns the step dir."""
+                           layer_spec: str = "local", progress: bool = True) -> Path:
+    """HF safetensors model directory -> Megatron dist checkpoint root `out_dir` (step 0); returns the step dir.
+
+    `layer_spec` ('local' / 'transformer_engine') is the name layout written: that of the model
+    the checkpoint will be loaded into."""
+    if layer_spec not in LAYER_SPECS:
+        raise ConversionError(f"layer_spec={layer_spec!r}, expected one of {LAYER_SPECS}")
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     hf_config = read_hf_config(hf_dir)
     index = SafetensorsIndex(hf_dir)
@@ -236,7 +273,7 @@ def convert_hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike
         model = _meta_model(hf_config, dtype)
         meta_state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
         _check_hf_tensors(index, meta_state, hf_config)
-        sd = _sharded_sd(model, keep_objects=True)
+        sd = _in_layout(_sharded_sd(model, keep_objects=True), layer_spec)
         where: dict[tuple[str, tuple[int, ...]], tuple[str, int]] = {}
         for name, item in sd.items():
             if isinstance(item, ShardedObject):
@@ -268,7 +305,7 @@ def convert_hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike
                 "model_config": hf_config, "dtype": str(dtype).removeprefix("torch."),
                 "contents": {"model": True, "optimizer": False, "optimizer_sharding": None,
                              "scheduler": False, "rng": False}, "scheduler": None,
-                "converted_from": str(hf_dir)}
+                "converted_from": str(hf_dir), "layer_spec": layer_spec}
         ckpt._write_json(step_tmp / ckpt.META_FILE, meta)
         ckpt._write_json(step_tmp / ckpt.TRAINING_STATE_FILE, {})
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -410,7 +447,9 @@ def convert_megatron_to_hf(megatron_dir: str | os.PathLike, out_dir: str | os.Pa
         names = [k for k in model.state_dict() if not k.endswith("_extra_state")]
         chunk_names = _chunks(names, hf_config["num_hidden_layers"], layers_per_load)
         meta_state = model.state_dict()
-        keys = {n: item.key for n, item in _sharded_sd(model).items()}       # state-dict name -> checkpoint key
+        layout = layer_spec_of(tensors_meta)      # the layer spec the checkpoint was written with
+        # state-dict name (local spec) -> checkpoint key (the checkpoint's layout)
+        keys = {n: spec_name(item.key, layout) for n, item in _sharded_sd(model).items()}
         missing = sorted(keys[n] for n in names if keys[n] not in tensors_meta)
         if missing:
             raise ckpt.CheckpointError(f"checkpoint {step_dir}: tensors missing for a {hf_config['model_type']} "

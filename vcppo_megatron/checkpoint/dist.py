@@ -45,6 +45,8 @@ from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from vcppo_megatron.parallel.ddp import gather_params
+
 FORMAT_VERSION = 1
 META_FILE = "vcppo_checkpoint.json"
 TRAINING_STATE_FILE = "training_state.json"
@@ -80,9 +82,11 @@ def layout_of(pg_collection: ProcessGroupCollection) -> dict[str, int]:
 
 
 def model_sharded_state_dict(model: torch.nn.Module, pg_collection: ProcessGroupCollection) -> dict:
-    """GPTModel.sharded_state_dict with the TP and DP x CP groups passed explicitly."""
+    """GPTModel.sharded_state_dict with the TP and DP x CP groups passed explicitly (parameters
+    gathered first when DDP overlaps the gather: a save must not see stale shards)."""
     from megatron.core.transformer.module import MegatronModule
 
+    gather_params(model)
     model = unwrap_model(model)
     for module in model.modules():
         if isinstance(module, MegatronModule) and not hasattr(module, "tp_group"):

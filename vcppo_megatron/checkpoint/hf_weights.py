@@ -1,6 +1,14 @@
 """HF (Qwen2/Llama) <-> Megatron GPTModel state dicts: name map, qkv/fc1 layouts, TP and PP slicing.
 
-Pure tensor functions; no communication. Megatron names follow the local layer spec.
+Pure tensor functions; no communication. Megatron names come in the two layouts of megatron's
+layer specs (`LAYER_SPECS`): the local spec has separate norm modules (`input_layernorm.weight`,
+`pre_mlp_layernorm.weight`); the Transformer Engine spec fuses each norm into the linear after it,
+TE's LayerNormLinear holding it as `layer_norm_weight` (`self_attention.linear_qkv.layer_norm_weight`,
+`mlp.linear_fc1.layer_norm_weight`; transformer_engine/pytorch/module/layernorm_linear.py registers
+the name, megatron-core 0.16.1's get_gpt_layer_with_transformer_engine_spec puts the layers there
+and leaves input_layernorm / pre_mlp_layernorm as IdentityOp), and every TE module adds an
+`_extra_state` entry (FP8 metadata; never a weight). Functions that read Megatron names accept
+either layout; those that write take `layer_spec`.
 Layouts: `linear_qkv` rows are interleaved by query group, [q heads of the group; k; v] per group;
 SwiGLU `linear_fc1` rows are [gate; up] (on each TP rank: [gate shard; up shard]).
 """
@@ -26,6 +34,38 @@ _GLOBAL_DIRECT = {
     "lm_head.weight": "output_layer.weight",
 }
 _IGNORED_HF = re.compile(r"(rotary_emb\.inv_freq)$")
+
+LAYER_SPECS = ("local", "transformer_engine")
+# per-layer Megatron names that differ between the layouts: local spec -> Transformer Engine spec
+_TE_NAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+             "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+_LOCAL_NAMES = {te: local for local, te in _TE_NAMES.items()}
+
+
+def _replace_suffix(name: str, table: Mapping[str, str]) -> str:
+    """`name` with a dotted suffix from `table` replaced by its value (unchanged if none matches)."""
+    for old, new in table.items():
+        if name == old or name.endswith("." + old):
+            return name[:len(name) - len(old)] + new
+    return name
+
+
+def local_name(name: str) -> str:
+    """A Megatron parameter name (or layer-stacked checkpoint key) in the local spec's layout."""
+    return _replace_suffix(name, _LOCAL_NAMES)
+
+
+def spec_name(name: str, layer_spec: str) -> str:
+    """A Megatron name (either layout) in the layout of `layer_spec` ('local' / 'transformer_engine')."""
+    if layer_spec not in LAYER_SPECS:
+        raise ValueError(f"layer_spec={layer_spec!r}, expected one of {LAYER_SPECS}")
+    name = local_name(name)
+    return name if layer_spec == "local" else _replace_suffix(name, _TE_NAMES)
+
+
+def layer_spec_of(names: Iterable[str]) -> str:
+    """The layout a set of Megatron names (a state dict, checkpoint keys) is in."""
+    return "transformer_engine" if any(_replace_suffix(n, _LOCAL_NAMES) != n for n in names) else "local"
 
 # TP layout of each Megatron parameter: split dim 0 (column/vocab parallel) or dim 1 (row parallel)
 _COLUMN = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -53,9 +93,11 @@ def split_qkv(qkv: Tensor, num_heads: int, num_query_groups: int) -> tuple[Tenso
 
 
 def hf_to_megatron(
-    hf_state: Mapping[str, Tensor], *, num_heads: int, num_query_groups: int, tie_word_embeddings: bool
+    hf_state: Mapping[str, Tensor], *, num_heads: int, num_query_groups: int, tie_word_embeddings: bool,
+    layer_spec: str = "local",
 ) -> dict[str, Tensor]:
-    """Full HF state dict -> full (TP=1, PP=1) Megatron GPTModel state dict (global layer indices)."""
+    """Full HF state dict -> full (TP=1, PP=1) Megatron GPTModel state dict (global layer indices),
+    named for `layer_spec`."""
     out: dict[str, Tensor] = {}
     layers: dict[int, dict[str, Tensor]] = {}
     for name, tensor in hf_state.items():
@@ -81,19 +123,21 @@ def hf_to_megatron(
                     p.pop(f"self_attn.v_proj.{kind}"), num_query_groups)
         if p:
             raise KeyError(f"HF parameters of layer {i} have no Megatron mapping: {sorted(p)}")
-    return out
+    return out if layer_spec == "local" else {spec_name(k, layer_spec): v for k, v in out.items()}
 
 
 def megatron_to_hf(
     mg_state: Mapping[str, Tensor], *, num_heads: int, num_query_groups: int, tie_word_embeddings: bool
 ) -> dict[str, Tensor]:
-    """Full (TP=1, PP=1) Megatron GPTModel state dict -> HF state dict (lm_head re-tied if tied)."""
+    """Full (TP=1, PP=1) Megatron GPTModel state dict (either layer spec's names) -> HF state dict
+    (lm_head re-tied if tied)."""
     to_hf_global = {v: k for k, v in _GLOBAL_DIRECT.items()}
     to_hf_layer = {v: k for k, v in _LAYER_DIRECT.items()}
     out: dict[str, Tensor] = {}
     for name, tensor in mg_state.items():
         if name.endswith("_extra_state"):
             continue
+        name = local_name(name)
         if name in to_hf_global:
             if not (tie_word_embeddings and name == "output_layer.weight"):
                 out[to_hf_global[name]] = tensor
@@ -169,7 +213,8 @@ def pp_stage(
 
 
 def load_into_model(model: torch.nn.Module, mg_state: Mapping[str, Tensor]) -> None:
-    """Copy a Megatron state dict into `model`; every parameter must be covered exactly."""
+    """Copy a Megatron state dict (in the model's layout) into `model`; every parameter must be
+    covered exactly."""
     expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}
     missing, unexpected = expected - set(mg_state), set(mg_state) - expected
     if missing or unexpected:
@@ -178,7 +223,8 @@ def load_into_model(model: torch.nn.Module, mg_state: Mapping[str, Tensor]) -> N
 
 
 def hf_sources(mg_name: str, *, tie_word_embeddings: bool) -> list[str]:
-    """HF tensor names one full Megatron parameter is built from (global layer indices)."""
+    """HF tensor names one full Megatron parameter (either layout) is built from (global layer indices)."""
+    mg_name = local_name(mg_name)
     to_hf_global = {v: k for k, v in _GLOBAL_DIRECT.items()}
     if mg_name in to_hf_global:
         if tie_word_embeddings and mg_name == "output_layer.weight":
@@ -201,6 +247,7 @@ def hf_sources(mg_name: str, *, tie_word_embeddings: bool) -> list[str]:
 
 def hf_to_megatron_param(mg_name: str, sources: list[Tensor], *, num_query_groups: int) -> Tensor:
     """One full Megatron parameter from its HF source tensors (in hf_sources order)."""
+    mg_name = local_name(mg_name)
     if mg_name.endswith("mlp.linear_fc1.weight"):
         return torch.cat(sources, dim=0)
     if ".self_attention.linear_qkv." in mg_name:

@@ -33,6 +33,14 @@ class ParallelConfig:
     """Megatron sequence parallelism: shard norm/residual activations over the TP ranks (needs tensor_parallel_size > 1)."""
     recompute_activations: Literal["none", "full"] = "none"
     """`full`: keep only each layer's input and recompute the layer in the backward pass (long sequences); `none`: keep all activations."""
+    overlap_grad_reduce: bool = False
+    """Reduce-scatter each bucket of gradients over data parallelism as soon as the last micro-batch's backward pass has produced it, overlapping the rest of the backward pass (megatron DDP); off: one reduce after the backward pass."""
+    overlap_param_gather: bool = False
+    """All-gather the parameters updated by the distributed optimizer bucket by bucket during the next forward pass instead of right after the step (needs `overlap_grad_reduce`); the weight sync and checkpoints wait for the gather first."""
+    ddp_bucket_size: int | None = param(None, ge=1)
+    """Parameters per gradient-reduce / parameter-gather bucket when overlapping; null: megatron's default, max(40M, 1M x data-parallel size)."""
+    grad_reduce_in_fp32: bool = True
+    """Accumulate and reduce gradients in fp32; false keeps them in `params_dtype` (bf16: half the reduce traffic and gradient memory, less precise sums)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,8 @@ class ActorConfig:
     """Optimizer of the actor (VC-PPO §4: lr 1e-6)."""
     params_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Dtype of the training weights and activations; the distributed optimizer keeps fp32 master weights and reduces gradients in fp32."""
+    layer_spec: Literal["auto", "transformer_engine", "local"] = "auto"
+    """Megatron layer spec: `transformer_engine` (fused norm + linear, TE attention; needs Transformer Engine and a GPU), `local` (megatron's own layers, torch SDPA attention), `auto` (Transformer Engine when it imports on a GPU, else local). Printed at start."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,8 @@ class CriticConfig:
     """Optimizer of the critic (VC-PPO §4: lr 2e-6)."""
     params_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Dtype of the training weights and activations; the distributed optimizer keeps fp32 master weights and reduces gradients in fp32."""
+    layer_spec: Literal["auto", "transformer_engine", "local"] = "auto"
+    """Megatron layer spec of the critic (as `actor.layer_spec`)."""
 
 
 @dataclass(frozen=True)

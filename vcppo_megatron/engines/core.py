@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from functools import partial
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,12 +29,15 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from vcppo_megatron.checkpoint import hf_to_megatron, load_into_model, pp_stage, tp_shard
-from vcppo_megatron.checkpoint.hf_weights import hf_sources, hf_to_megatron_param
+from vcppo_megatron.checkpoint.hf_weights import hf_sources, hf_to_megatron_param, layer_spec_of, spec_name
 from vcppo_megatron.config.schema import OptimConfig
 from vcppo_megatron.engines.batching import MicroBatch, split_micro_batches
+from vcppo_megatron.engines.host_offload import OptimizerStateOffload
 from vcppo_megatron.models import build_gpt_model
 from vcppo_megatron.models.registry import hf_get
+from vcppo_megatron.parallel.ddp import gather_params
 from vcppo_megatron.parallel.groups import RoleLayout
+from vcppo_megatron.parallel.launch import read_launch_env
 
 RELEASABLE = ("grads", "optimizer")
 """What `offload` can release (the memory timeline's engine parts besides the weights)."""
@@ -95,6 +98,32 @@ RECOMPUTE: dict[str, dict[str, Any]] = {
 }
 
 
+def engine_device() -> torch.device:
+    """The device this rank's engines live on: cuda:<LOCAL_RANK> when CUDA is available (the GPU
+    `setup_device` / `init_distributed` selected; megatron allocates on the current device, so the
+    two must agree), else cpu. Chosen explicitly: a model's first parameter is no guide (on a
+    pipeline stage after the first it is a norm weight, built wherever the norm was built)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = read_launch_env().local_rank
+    if torch.cuda.current_device() != local_rank:
+        raise RuntimeError(f"current CUDA device is {torch.cuda.current_device()}, expected LOCAL_RANK "
+                           f"{local_rank}: something (a rollout engine?) moved it; call "
+                           f"torch.cuda.set_device({local_rank}) before building the engines")
+    return torch.device("cuda", local_rank)
+
+
+def place_on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move every parameter and buffer of `model` to `device` (megatron builds its own layers on the
+    current device, torch modules such as the norms and the value head on the host) and check."""
+    model.to(device)
+    stray = sorted({f"{name} on {t.device}" for name, t in [*model.named_parameters(), *model.named_buffers()]
+                    if t.device != device})
+    if stray:
+        raise RuntimeError(f"model tensors not on {device} after moving it: {stray[:5]}")
+    return model
+
+
 class EngineCore:
     """Model chunk + DDP + optimizer + scheduler + schedule runner for one role's layout."""
 
@@ -102,11 +131,17 @@ class EngineCore:
                  value_head: bool, optim: OptimConfig, total_steps: int = 1,
                  max_tokens_per_micro_batch: int = 4096, params_dtype: torch.dtype = torch.float32,
                  attention_backend: str = "auto", sequence_parallel: bool = False,
-                 recompute_activations: str = "none", seed: int = 0) -> None:
+                 recompute_activations: str = "none", seed: int = 0, overlap_grad_reduce: bool = False,
+                 overlap_param_gather: bool = False, ddp_bucket_size: Optional[int] = None,
+                 grad_reduce_in_fp32: bool = True,
+                 prepare_model: Optional[Callable[[torch.nn.Module], None]] = None) -> None:
         self.hf_config, self.pgs, self.layout = hf_config, pgs, layout
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         if sequence_parallel and layout.tp == 1:
             raise ValueError("sequence_parallel=True needs tensor parallelism (TP > 1), got TP=1")
+        if overlap_param_gather and not overlap_grad_reduce:
+            raise ValueError("parallel.overlap_param_gather=True needs parallel.overlap_grad_reduce=True "
+                             "(megatron overlaps the gather bucket by bucket, as it reduces)")
         if recompute_activations not in RECOMPUTE:
             raise ValueError(f"recompute_activations={recompute_activations!r}, expected one of "
                              f"{sorted(RECOMPUTE)}")
@@ -126,11 +161,17 @@ class EngineCore:
             variable_seq_lengths=True,
             # no experts; megatron rejects the default "allgather" dispatcher with variable lengths
             moe_token_dispatcher_type="alltoall")
+        if prepare_model is not None:       # e.g. a new output head: before DDP, which hooks every module
+            prepare_model(model)
         self.config = model.config
-        self.raw_model = model
-        self.device = next(model.parameters()).device   # micro-batches go here; outputs come back to CPU
+        # the Megatron name layout of this model ('local' or 'transformer_engine'; hf_weights.py)
+        self.layer_spec = layer_spec_of(model.state_dict())
+        self.device = engine_device()                   # micro-batches go here; outputs come back to CPU
+        self.raw_model = place_on(model, self.device)   # before DDP: its buffers take the params' device
         self.ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True)
+            grad_reduce_in_fp32=grad_reduce_in_fp32, overlap_grad_reduce=overlap_grad_reduce,
+            overlap_param_gather=overlap_param_gather, bucket_size=ddp_bucket_size,
+            use_distributed_optimizer=True)
         self.model = DistributedDataParallel(self.config, self.ddp_config, model, pg_collection=pgs)
         self.config.no_sync_func = self.model.no_sync
         self.config.finalize_model_grads_func = _finalize_sum
@@ -150,12 +191,15 @@ class EngineCore:
         self._schedule = get_forward_backward_func(pp_size=layout.pp, vp_size=None)
         self._p2p = P2PCommunicator(pp_group=pgs.pp, config=self.config) if layout.pp > 1 else None
         self.released: set[str] = set()
+        # pinned, reused host buffers for the optimizer state (what megatron's offload_to_cpu moves)
+        self.state_offload = OptimizerStateOffload(self.device)
 
     # ---- weights ----------------------------------------------------------------------------
     def load_megatron_state(self, full_state: dict[str, Tensor], *, tie_word_embeddings: bool) -> None:
         """Load a full (TP=1, PP=1) Megatron state dict: this rank's TP shard of its PP stage."""
         layers = stage_layers(hf_get(self.hf_config, "num_hidden_layers"), self.layout)
         groups = hf_get(self.hf_config, "num_key_value_heads") or hf_get(self.hf_config, "num_attention_heads")
+        full_state = {spec_name(k, self.layer_spec): v for k, v in full_state.items()}   # either layout in
         stage = pp_stage(full_state, layers=layers, pre_process=self.layout.is_first_stage,
                          post_process=self.layout.is_last_stage, tie_word_embeddings=tie_word_embeddings)
         shards = {k: tp_shard(k, v, tp_rank=self.layout.tp_rank, tp_size=self.layout.tp,
@@ -193,6 +237,67 @@ class EngineCore:
                                      f"rank, the model expects {tuple(target.shape)}")
                 target.copy_(shard)
         self._reload_main_params()
+
+    def load_hf_stream(self, named_tensors: Iterable[tuple[str, Tensor]], *, tie_word_embeddings: bool,
+                       extra: Optional[dict[str, Tensor]] = None) -> dict[str, int]:
+        """Load this rank's shards from a stream of full HF tensors (e.g. another engine's weight-sync
+        buckets), consuming it to the end (its producer may hold collectives). A tensor is kept only
+        while a parameter of this stage still needs it: each parameter is converted, TP-sliced and
+        copied in as soon as its sources have arrived. `extra` as in `load_hf_params`. Returns
+        {"max_held_bytes": most bytes of stream tensors held at once, "params": parameters loaded}."""
+        layers = list(stage_layers(hf_get(self.hf_config, "num_hidden_layers"), self.layout))
+        groups = hf_get(self.hf_config, "num_key_value_heads") or hf_get(self.hf_config, "num_attention_heads")
+        extra = extra or {}
+        targets: dict[str, tuple[str, Tensor, list[str]]] = {}  # global name -> (local name, param, sources)
+        needed_by: dict[str, list[str]] = {}                       # HF name -> global Megatron names
+        for name, target in self.raw_model.state_dict().items():
+            if name.endswith("_extra_state"):
+                continue
+            if name in extra:
+                self._copy_shard(name, extra[name], target, groups)
+                continue
+            parts = name.split(".")
+            if name.startswith("decoder.layers."):
+                parts[2] = str(layers[int(parts[2])])
+            global_name = ".".join(parts)
+            sources = hf_sources(global_name, tie_word_embeddings=tie_word_embeddings)
+            targets[global_name] = (name, target, sources)
+            for source in sources:
+                needed_by.setdefault(source, []).append(global_name)
+        uses = {source: len(names) for source, names in needed_by.items()}   # parameters still to load
+        held: dict[str, Tensor] = {}
+        max_held, loaded = 0, 0
+        for hf_name, tensor in named_tensors:
+            if hf_name not in needed_by:
+                continue                                   # another stage's (or the lm_head)
+            held[hf_name] = tensor
+            max_held = max(max_held, sum(t.numel() * t.element_size() for t in held.values()))
+            for global_name in needed_by[hf_name]:
+                name, target, sources = targets.get(global_name, (None, None, ()))
+                if name is None or not all(s in held for s in sources):
+                    continue
+                full = hf_to_megatron_param(global_name, [held[s] for s in sources], num_query_groups=groups)
+                self._copy_shard(name, full, target, groups)
+                del targets[global_name], full
+                loaded += 1
+                for s in sources:
+                    uses[s] -= 1
+                    if uses[s] == 0:
+                        del held[s]
+        if targets:
+            raise KeyError(f"the HF tensor stream lacked the sources of {sorted(targets)[:5]} "
+                           f"({len(targets)} parameters in all)")
+        self._reload_main_params()
+        return {"max_held_bytes": max_held, "params": loaded}
+
+    def _copy_shard(self, name: str, full: Tensor, target: Tensor, groups: int) -> None:
+        """Copy this TP rank's shard of the full parameter `full` into `target`, checking the shape."""
+        shard = tp_shard(name, full, tp_rank=self.layout.tp_rank, tp_size=self.layout.tp, num_query_groups=groups)
+        if shard.shape != target.shape:
+            raise ValueError(f"parameter {name}: the source gives shape {tuple(shard.shape)} on this rank, "
+                             f"the model expects {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(shard)
 
     def _reload_main_params(self) -> None:
         """Copy model params into the optimizer's fp32 main params after an in-place load."""
@@ -241,6 +346,11 @@ class EngineCore:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
 
+    def gather_params(self) -> None:
+        """Make every parameter whole before it is read outside a forward pass (with
+        `overlap_param_gather` the step leaves the other DP ranks' shards to the next forward)."""
+        gather_params(self.model)
+
     def step(self) -> dict[str, float]:
         """Optimizer step (grad clip inside) and LR schedule step: grad_norm, lr, stepped."""
         if self.released:
@@ -258,7 +368,8 @@ class EngineCore:
 
         `grads`: the DDP gradient buffers are freed (their storage resized to 0; every view stays
         valid and is zeroed on `onload`). `optimizer`: on CUDA the optimizer's state and fp32
-        master weights move to host memory (megatron-core's `offload_to_cpu`); with fp32 training
+        master weights move to host memory (the tensors megatron-core's `offload_to_cpu` moves,
+        through pinned, reused host buffers: engines/host_offload.py); with fp32 training
         weights the distributed optimizer's master weights are views of the model's, so they stay
         put, as does everything on CPU. The weights themselves always stay (memory timeline).
         """
@@ -267,14 +378,14 @@ class EngineCore:
         if "grads" in todo:
             self.model.offload_grad_buffers(synchronize=cuda, empty_cache=cuda)
         if "optimizer" in todo and self._offloads_optimizer_state():
-            self.optimizer.offload_to_cpu()
+            self.state_offload.offload(self.optimizer)
         self.released.update(todo)
 
     def onload(self, parts: Sequence[str] = RELEASABLE) -> None:
         """Bring back what `offload(parts)` released (gradients come back as zeros)."""
         todo = [p for p in _check_parts(parts) if p in self.released]
         if "optimizer" in todo and self._offloads_optimizer_state():
-            self.optimizer.restore_from_cpu()
+            self.state_offload.restore(self.optimizer)
         if "grads" in todo:
             self.model.restore_grad_buffers(synchronize=torch.cuda.is_available())
         self.released.difference_update(todo)

@@ -53,13 +53,17 @@ class PolicyEngine(Engine):
                  optim: OptimConfig, logprob_chunk_size: int = 1024, **core_kwargs: Any) -> None:
         if logprob_chunk_size < 1:
             raise ValueError(f"logprob_chunk_size={logprob_chunk_size}, expected >= 1")
-        self.core = EngineCore(hf_config, pgs, layout, value_head=False, optim=optim, **core_kwargs)
+        def hidden_states_head(model: torch.nn.Module) -> None:
+            # before DDP wraps the model: with overlap_param_gather its forward pre-hooks (on every
+            # module it saw) are what wait for the output weight's all-gather
+            if layout.is_last_stage:
+                model.output_layer = HiddenStatesOutput(
+                    model.output_layer, sequence_parallel=model.config.sequence_parallel, tp_group=pgs.tp)
+
+        self.core = EngineCore(hf_config, pgs, layout, value_head=False, optim=optim,
+                               prepare_model=hidden_states_head, **core_kwargs)
         self.chunk_size = logprob_chunk_size
         self.tie = bool(hf_get(hf_config, "tie_word_embeddings", False))
-        model = self.core.raw_model
-        if layout.is_last_stage:
-            model.output_layer = HiddenStatesOutput(
-                model.output_layer, sequence_parallel=self.core.config.sequence_parallel, tp_group=pgs.tp)
 
     def load_hf_state(self, hf_state: Mapping[str, Tensor]) -> None:
         """Load an HF causal LM state dict (this rank's TP shard of its PP stage)."""

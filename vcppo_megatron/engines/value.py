@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -59,6 +59,13 @@ class ValueEngine(Engine):
         score = index.get("score.weight") if "score.weight" in index.files else None
         self.core.load_hf_params(index.get, tie_word_embeddings=False,
                                  extra=self._head_tensors(score, init_from))
+
+    def load_hf_stream(self, named_tensors: Iterable[tuple[str, Tensor]]) -> dict[str, int]:
+        """The trunk from a stream of a causal LM's full HF tensors (the policy's weight-sync
+        buckets), value head zero; only the tensors of this rank's stage are kept, each until its
+        parameters are loaded (see EngineCore.load_hf_stream)."""
+        return self.core.load_hf_stream(named_tensors, tie_word_embeddings=False,
+                                        extra=self._head_tensors(None, "policy"))
 
     def _head_tensors(self, score: Tensor | None, init_from: str) -> dict[str, Tensor]:
         """The value head's full weight and bias: from a reward model's score, or zero."""

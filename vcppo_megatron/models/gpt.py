@@ -31,11 +31,11 @@ class ValueHead(torch.nn.Module):
     head's, which GPTModel's sharded_state_dict (distributed checkpoints) expects to find."""
 
     def __init__(self, hidden_size: int, dtype: torch.dtype, *, sequence_parallel: bool = False,
-                 tp_group: Any = None) -> None:
+                 tp_group: Any = None, device: Optional[torch.device | int] = None) -> None:
         super().__init__()
         # zero init: identical on every TP rank, no RNG needed
-        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
-        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype, device=device))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype, device=device))
         self.sequence_parallel, self.tp_group = sequence_parallel, tp_group
 
     def forward(self, hidden: Tensor, weight: Optional[Tensor] = None,
@@ -85,7 +85,9 @@ def build_gpt_model(
     if value_head and post_process:
         model.output_layer = ValueHead(arch.config.hidden_size, params_dtype,
                                        sequence_parallel=arch.config.sequence_parallel,
-                                       tp_group=None if pg_collection is None else pg_collection.tp)
+                                       tp_group=None if pg_collection is None else pg_collection.tp,
+                                       device=torch.cuda.current_device() if torch.cuda.is_available()
+                                       and not arch.config.use_cpu_initialization else None)  # as megatron's layers
     # the torch norm fallback (no Apex / Transformer Engine, e.g. on CPU) keeps its weights in fp32;
     # TE creates them in params_dtype. One dtype per model, as Megatron's distributed optimizer
     # assumes: with both in one param group its checkpoint maps states to the wrong parameters.

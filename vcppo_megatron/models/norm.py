@@ -22,5 +22,8 @@ class RMSNorm(torch.nn.RMSNorm):
                  **unused: Any) -> None:
         if config.normalization != "RMSNorm":
             raise ValueError(f"RMSNorm: config.normalization={config.normalization!r}, expected 'RMSNorm'")
-        super().__init__(hidden_size, eps=eps)
+        # where megatron builds its own layers: the current GPU unless initialising on the host
+        on_gpu = torch.cuda.is_available() and not config.use_cpu_initialization
+        super().__init__(hidden_size, eps=eps, device=torch.cuda.current_device() if on_gpu else None,
+                         dtype=config.params_dtype)
         self.weight.sequence_parallel = bool(config.sequence_parallel)

@@ -37,7 +37,7 @@ class GPTArchitecture:
     rope_scaling_factor: float = 8.0
     tie_word_embeddings: bool = False
     model_type: str = ""
-    layer_norm: Any = None                  # final norm; None: Megatron's default for the spec
+    layer_norm: Any = None                  # final norm (RMSNorm, TENorm); None: Megatron's default
 
 
 def hf_get(hf_config: HFConfig, name: str, default: Any = None) -> Any:
@@ -130,13 +130,47 @@ _ADAPTERS: dict[str, Callable[[HFConfig], dict[str, Any]]] = {"qwen2": _qwen2_fi
 SUPPORTED_ARCHITECTURES: dict[str, str] = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
+# the config's per-role `layer_spec` -> attention_backend ('local' runs torch SDPA attention)
+LAYER_SPEC_BACKENDS = {"auto": "auto", "transformer_engine": "te", "local": "sdpa"}
+
+
+def have_transformer_engine() -> bool:
+    """Whether megatron-core found Transformer Engine (`import transformer_engine` works)."""
+    return bool(gpt_layer_specs.HAVE_TE)
+
+
+def check_transformer_engine() -> None:
+    """Raise a clear error when the Transformer Engine spec cannot run here."""
+    if not have_transformer_engine():
+        raise ValueError("layer_spec=transformer_engine (attention_backend='te') needs Transformer Engine, but "
+                         "`import transformer_engine` fails here: install transformer-engine[pytorch] (the NGC "
+                         "PyTorch container has it) or choose layer_spec: local (or auto)")
+    if not torch.cuda.is_available():
+        raise ValueError("layer_spec=transformer_engine (attention_backend='te') needs a CUDA device, none is "
+                         "available: choose layer_spec: local (or auto)")
+
+
+def te_layer_spec() -> tuple[ModuleSpec, Any]:
+    """megatron's Transformer Engine layer spec and its final norm (TENorm)."""
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(), TENorm
+
+
 def resolve_attention_backend(attention_backend: str = "auto") -> str:
-    """'auto' -> 'te' when Transformer Engine is importable on a GPU, else 'sdpa'."""
+    """'auto' -> 'te' when Transformer Engine is importable on a GPU, else 'sdpa'; 'te' is checked."""
     if attention_backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend={attention_backend!r}, expected one of {ATTENTION_BACKENDS}")
     if attention_backend == "auto":
-        return "te" if gpt_layer_specs.HAVE_TE and torch.cuda.is_available() else "sdpa"
+        return "te" if have_transformer_engine() and torch.cuda.is_available() else "sdpa"
+    if attention_backend == "te":
+        check_transformer_engine()
     return attention_backend
+
+
+def layer_spec_name(attention_backend: str) -> str:
+    """The Megatron name layout ('transformer_engine' or 'local') an attention backend builds."""
+    return "transformer_engine" if resolve_attention_backend(attention_backend) == "te" else "local"
 
 
 def gpt_layer_spec(attention_backend: str = "auto") -> ModuleSpec:
@@ -147,7 +181,7 @@ def gpt_layer_spec(attention_backend: str = "auto") -> ModuleSpec:
     """
     attention_backend = resolve_attention_backend(attention_backend)
     if attention_backend == "te":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        return te_layer_spec()[0]
     spec = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
@@ -193,10 +227,11 @@ def architecture_from_hf(
                          f"over the TP ranks; expected a TP size that divides the vocabulary")
     theta, scaling_factor = _rope(hf_config)
     backend = resolve_attention_backend(attention_backend)
+    layer_spec, layer_norm = te_layer_spec() if backend == "te" else (gpt_layer_spec(backend), RMSNorm)
     return GPTArchitecture(
         config=TransformerConfig(**fields),
-        layer_spec=gpt_layer_spec(backend),
-        layer_norm=None if backend == "te" else RMSNorm,
+        layer_spec=layer_spec,
+        layer_norm=layer_norm,
         vocab_size=_require(hf_config, "vocab_size"),
         max_sequence_length=_require(hf_config, "max_position_embeddings"),
         rotary_base=theta,

