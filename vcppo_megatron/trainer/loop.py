@@ -291,15 +291,17 @@ class Trainer:
         share = len(indices) // self.replicas
         mine = indices[self.replica * share:(self.replica + 1) * share]
         seed = self._step_seed(phase, step) + self.replica * 7_919
+        leader = self.rank % self.rollout_tp == 0        # a rollout TP group samples the same rows
         with self.colocation.generating():
             samples = sample_and_score(self.rollout, [self.train_set.prompt_ids[i] for i in mine],
                                        [self.train_set.answers[i] for i in mine], self.tokenizer,
                                        samples_per_prompt=cfg.batch.samples_per_prompt, seed=seed,
-                                       reward_cfg=cfg.reward)
+                                       reward_cfg=cfg.reward, verify=leader)
         self.colocation.after_rollout(weights_change=train_actor)
         times["rollout"] = time.perf_counter() - t
-        samples = gather_samples(samples, self.actor_pgs.mp, self.rank % self.rollout_tp == 0)
-        exp = build_experience(samples, self.tokenizer.pad_token_id)
+        samples = gather_samples(samples, self.actor_pgs.mp, leader)
+        # per-token tensors live on the engines' device from here to the losses (GAE included)
+        exp = build_experience(samples, self.tokenizer.pad_token_id).to(self.actor.core.device)
         batch = {"input_ids": exp.input_ids, "attention_mask": exp.attention_mask}
         t = time.perf_counter()
         with self.critic.eval_mode():
@@ -350,7 +352,7 @@ class Trainer:
         acc = MetricAccumulator()
         positions = PositionStats(self.cfg.trainer.position_bucket_size, self.cfg.trainer.position_num_buckets)
         n = float(len(exp.rewards))
-        lengths = exp.response_lens.double()
+        lengths = exp.response_lens.double().cpu()       # per-token tensors are reduced, not copied
         tokens = float((exp.prompt_lens + exp.response_lens).sum())
         acc.add_shares({"reward/mean": exp.rewards.double().sum() / n,
                         "reward/accuracy": (exp.rewards > 0).double().sum() / n,
