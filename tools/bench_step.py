@@ -8,20 +8,26 @@ checkpoint, with the median step time and its parts, and raw vLLM generation of 
 Run directly, the tool starts itself under torchrun (`--nproc` ranks, OMP_NUM_THREADS=1 each, as
 `make demo`). The first run makes the SFT checkpoint under `--cache` (the trainer's SFT cold start,
 then the critic initialised from the SFT policy) and later runs resume from it, so every run
-measures the same starting weights. Each measured step is preceded, on every rank at once, by raw
-vLLM generation of exactly the step's batch (the same prompts, sampling parameters and seeds:
-`LLM.generate` alone, without the trainer's pre- and post-processing or the verifier), the floor
-of the step's rollout part (vLLM on its own: without the CPU compatibility layer's mode). Step parts are the trainer's own `time/*_s` metrics of the logging
-rank ("step" is the trainer's `time/step_s`, which ends before the step's metrics are reduced and
-written); "iteration" is the whole `_rl_step` call, metrics included; "raw_generate" is the slowest
-rank's. Weights change from step to step as in training, so
-the steps of one run are comparable with each other, and two runs from the same cache walk the
-same trajectory. TensorBoard events of the measured steps go to a temporary directory.
+measures the same starting weights. Weights change from step to step as in training, so two runs
+from the same cache walk the same trajectory. TensorBoard events go to a temporary directory.
 
-`--profile DIR` samples every rank with py-spy (`pip install py-spy`) during the measured steps
-(CPU time; with `--idle` wall-clock time, waits in collectives included) and writes DIR/rank<r>.txt in py-spy's raw
-(collapsed-stack) format; `python tools/bench_step.py --summarise DIR/rank0.txt` prints the
-inclusive time of the trainer's own functions from it.
+Each measured step is preceded, on every rank at once, by raw vLLM generation of exactly the
+step's batch (the same prompts, sampling parameters and seeds: `LLM.generate` alone, without the
+CPU compatibility layer's mode, the trainer's packing or the verifier): the floor of the step's
+rollout part. Step parts are the logging rank's `time/*_s` metrics ("step" is `time/step_s`,
+which ends before the step's metrics are reduced and written); "iteration" is the whole
+`_rl_step` call, metrics included; "raw_generate" is the slowest rank's; "gc_in_step" the time in
+Python's garbage collector during the step.
+
+`--ab BASE` alternates runs of another checkout (e.g. `git archive <commit> | tar -x -C BASE`) and
+this one, `--rounds` each, and prints both medians and their ratio per part: the same machine
+load for both, which matters on a shared machine.
+
+`--profile DIR` samples every rank with py-spy (the `dev` extra) during the measured steps (threads
+on a CPU, or waiting for one; with `--idle` also blocked ones, e.g. in collectives) and writes
+DIR/rank<r>.txt in py-spy's raw (collapsed-stack) format; `python tools/bench_step.py --summarise
+DIR/rank0.txt [--code CHECKOUT]` prints its samples per part of the step and each part's heaviest
+functions. `--clock cpu` times the parts by the process's CPU time instead of the wall clock.
 """
 from __future__ import annotations
 
@@ -184,9 +190,9 @@ def _start_py_spy(out_dir: Path, rank: int, idle: bool) -> subprocess.Popen:
     """py-spy sampling this process until SIGINT (CPU time only unless `idle`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     exe = Path(sys.executable).with_name("py-spy")
-    proc = subprocess.Popen([str(exe), "record", "--pid", str(os.getpid()), *(["--idle"] if idle else []), "--rate", "250",
-                             "--format", "raw", "--output", str(out_dir / f"rank{rank}.txt"), "--nonblocking"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([str(exe), "record", "--pid", str(os.getpid()), *(["--idle"] if idle else []),
+                             "--rate", "250", "--format", "raw", "--output", str(out_dir / f"rank{rank}.txt"),
+                             "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(1.0)                                 # let it attach
     return proc
 
@@ -305,9 +311,10 @@ def _step_parts(loop_source: str) -> dict[int, str]:
     return parts
 
 
-def summarise(path: Path, top: int = 12) -> str:
-    """Samples of the main thread per part of the step, and each part's heaviest functions."""
-    parts_of = _step_parts((ROOT / "vcppo_megatron" / "trainer" / "loop.py").read_text())
+def summarise(path: Path, top: int = 12, code: Path = ROOT) -> str:
+    """Samples of the main thread per part of the step, and each part's heaviest functions
+    (`code`: the checkout that was profiled, whose trainer/loop.py numbers the lines)."""
+    parts_of = _step_parts((Path(code) / "vcppo_megatron" / "trainer" / "loop.py").read_text())
     per_part: collections.Counter[str] = collections.Counter()
     inclusive: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     leaf: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
@@ -348,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parse(argv)
     if args.summarise:
-        print(summarise(Path(args.summarise)))
+        print(summarise(Path(args.summarise), code=Path(args.code)))
         return 0
     if args.ab:
         return _ab(args, argv)
