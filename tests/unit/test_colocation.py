@@ -64,7 +64,8 @@ class FakeVLLM:
         self.ledger.note("wake_up", tuple(tags))
         return self.sleeps
 
-    def generate(self, prompts, n, *, greedy=False, stop_token_ids=None, max_tokens=None, seed=None):
+    def generate(self, prompts, n, *, greedy=False, stop_token_ids=None, max_tokens=None, seed=None,
+                 logprobs=False):
         self.ledger.note("generate")
         g = torch.Generator().manual_seed(seed or 0)
         index, ps, rs, lps, reasons = [], [], [], [], []
@@ -77,7 +78,7 @@ class FakeVLLM:
                 rs.append([int(p[k]) for k in picks])
                 lps.append([0.0] * length)
                 reasons.append("length")
-        return pad_responses(index, ps, rs, lps, reasons, 0, 0, self.pad_token_id)
+        return pad_responses(index, ps, rs, lps if logprobs else None, reasons, 0, 0, self.pad_token_id)
 
     def update_weights(self, named_tensors) -> None:
         for _ in named_tensors:

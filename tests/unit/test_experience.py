@@ -99,6 +99,18 @@ def test_build_experience_matches_loop_construction():
     assert exp.max_response_len == max(r for _, r in LENS)
 
 
+def test_experience_to_moves_every_tensor_and_keeps_the_layout():
+    exp = build_experience(_samples(), PAD)
+    moved = exp.to(torch.device("meta"))
+    for name in ("input_ids", "attention_mask", "loss_mask", "prompt_lens", "response_lens", "rewards",
+                 "truncated"):
+        a, b = getattr(exp, name), getattr(moved, name)
+        assert b.device.type == "meta" and a.device.type == "cpu" and (a.shape, a.dtype) == (b.shape, b.dtype)
+    assert moved.max_response_len == exp.max_response_len       # read once on the host
+    same = exp.to("cpu")
+    assert same.input_ids is exp.input_ids                        # no copy when already there
+
+
 def test_build_experience_rejects_empty_batch_and_empty_response():
     with pytest.raises(ValueError, match="no samples to train on"):
         build_experience(Samples([], [], [], [], [], 3), PAD)
@@ -324,8 +336,9 @@ class FakeEngine:
             self.training = False
             self.events.append("exit")
 
-    def forward_backward(self, batch: dict[str, Tensor], loss_fn) -> dict:
+    def forward_backward(self, batch: dict[str, Tensor], loss_fn, *, return_outputs: bool = True) -> dict:
         assert self.training, "forward_backward outside train_mode"
+        assert not return_outputs, "a PPO update reads only the losses: it asks for no per-token outputs"
         self.events.append("forward_backward")
         self.rows.append(batch["row_id"].tolist())
         metrics: dict[str, Tensor] = {}
@@ -461,3 +474,31 @@ def test_logprob_abs_diff_compares_rollout_and_actor_on_response_tokens():
             assert float(diff[i, j]) == pytest.approx(want, abs=1e-6), (i, j)
     s.rollout_logprobs = []                                   # not recorded: no metric
     assert build_experience(s, PAD).rollout_log_probs is None
+
+
+# ---- 7. sample_and_score: the verifier runs on the rollout group's leader only ---------------
+
+def test_sample_and_score_verifies_only_when_asked(monkeypatch):
+    import vcppo_megatron.trainer.experience as experience
+    from vcppo_megatron.config.schema import RewardConfig
+    from vcppo_megatron.data.synthetic import build_tokenizer
+    from vcppo_megatron.rollout.batch import pad_responses
+
+    tok = build_tokenizer()
+
+    class Rollout:
+        def generate(self, prompts, n, **kw):
+            resp = [tok("<think>1+2</think>\\boxed{3}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+                    tok("<think>1+2</think>\\boxed{4}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+            return pad_responses([0, 0], [list(prompts[0])] * 2, resp, None, ["stop", "stop"], 0, 0, tok.pad_token_id)
+
+    calls = []
+    original = experience.batch_math_reward
+    monkeypatch.setattr(experience, "batch_math_reward", lambda *a, **k: calls.append(a) or original(*a, **k))
+    prompt = tok("1+2=", add_special_tokens=False)["input_ids"]
+    kw = dict(samples_per_prompt=2, seed=0, reward_cfg=RewardConfig(num_workers=0))
+    leader = experience.sample_and_score(Rollout(), [prompt], ["3"], tok, **kw)
+    assert leader.rewards == [1.0, -1.0] and len(calls) == 1
+    follower = experience.sample_and_score(Rollout(), [prompt], ["3"], tok, verify=False, **kw)
+    assert follower.rewards == [] and len(calls) == 1            # no verifier call
+    assert follower.response_ids == leader.response_ids and follower.prompt_index == [0, 0]

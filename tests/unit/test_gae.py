@@ -249,6 +249,34 @@ def test_empty_batch():
     assert adv.shape == ret.shape == (0, 5)
 
 
+_THREADS_PROBE = """
+import json, torch
+from vcppo_megatron.algorithms.gae import decoupled_gae
+before = torch.get_num_threads()
+r, v, m = torch.zeros(64, 16), torch.randn(64, 16), torch.ones(64, 16)
+decoupled_gae(r, v, m, gamma=1.0, lam_actor=0.95, lam_critic=1.0, backend="cpu")
+import numba
+print(json.dumps([before, torch.get_num_threads(), numba.get_num_threads()]))
+"""
+
+
+def test_cpu_gae_leaves_torch_threads_alone():
+    """numba's OpenMP layer sets the process's OpenMP thread count when it starts: a trainer rank
+    at OMP_NUM_THREADS=1 ran every later torch / vLLM op on 2 threads. Fresh processes: numba
+    starts its threads once per process. Without NUMBA_NUM_THREADS numba follows torch's count;
+    with it set higher, torch's count is restored after the call."""
+    root = Path(__file__).resolve().parents[2]
+    for numba_threads, expect in ((None, [1, 1, 1]), ("2", [1, 1, 2])):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+        env.pop("NUMBA_NUM_THREADS", None)
+        if numba_threads:
+            env["NUMBA_NUM_THREADS"] = numba_threads
+        proc = subprocess.run([sys.executable, "-c", _THREADS_PROBE], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads(proc.stdout.strip().splitlines()[-1]) == expect, (numba_threads, proc.stdout)
+
+
 @pytest.mark.parametrize("shift_mean", [True, False])
 def test_whitening_single_rank(shift_mean):
     r, v, m = make_batch(6, 120, seed=8, holes=True)

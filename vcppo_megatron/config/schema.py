@@ -193,6 +193,8 @@ class RolloutConfig:
     """Bytes per bucket when the actor's weights are gathered into the rollout engine after an update."""
     sleep_level: int = param(0, ge=0, le=2)
     """Colocation, GPU only (vLLM's sleep mode; ignored on CPU): after sampling the engine sleeps while the actor and critic run. 1 moves its weights to host memory and frees the KV cache; 2 frees both in RL (the weight sync refills them; value pretraining sleeps at 1); 0 keeps it resident."""
+    logprob_check_interval: int = param(1, ge=0)
+    """Every this many RL steps the rollout also returns vLLM's log-probs of the sampled tokens and the step reports `rollout/logprob_abs_diff` against the actor's old log-probs (a large value means the model, tokenizer or weight sync disagree); 0 never. The trainer itself recomputes π_old with the actor, so this is a check only (it costs 10-20 % of generation on the tiny CPU model)."""
 
 
 @dataclass(frozen=True)

@@ -64,17 +64,18 @@ def split_micro_batches(batch: dict[str, Tensor], max_tokens_per_micro_batch: in
     if seq_multiple < 1:
         raise ValueError(f"seq_multiple={seq_multiple}, expected >= 1")
     n, s, lengths = validate_batch(batch)
-    order = torch.argsort(lengths, descending=True, stable=True)
+    host_lengths = lengths.tolist()             # one copy of the row lengths: packing is planned here
+    order = sorted(range(n), key=lambda i: -host_lengths[i])         # longest first, stable
     groups: list[list[int]] = []
-    for i in order.tolist():
-        if groups and (len(groups[-1]) + 1) * int(lengths[groups[-1][0]]) <= max_tokens_per_micro_batch:
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * host_lengths[groups[-1][0]] <= max_tokens_per_micro_batch:
             groups[-1].append(i)
         else:
             groups.append([i])
     out = []
     for g in groups:
-        rows = torch.tensor(g, dtype=torch.long)
-        seq = -(-int(lengths[rows[0]]) // seq_multiple) * seq_multiple
+        rows = torch.tensor(g, dtype=torch.long, device=lengths.device)
+        seq = -(-host_lengths[g[0]] // seq_multiple) * seq_multiple
         data = {k: (_columns(t[rows], seq) if t.dim() >= 2 and t.shape[1] == s else t[rows])
                 for k, t in batch.items()}
         out.append(MicroBatch(rows=rows, seq_len=seq, data=data))

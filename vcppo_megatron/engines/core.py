@@ -396,26 +396,28 @@ class EngineCore:
 
     # ---- schedule ---------------------------------------------------------------------------
     def run(self, batch: dict[str, Tensor], head_fn: HeadFn, loss_fn: Optional[LossFn],
-            forward_only: bool, full_grads: bool = False) -> dict[str, Any]:
+            forward_only: bool, full_grads: bool = False, return_outputs: bool = True) -> dict[str, Any]:
         """Run the schedule over length-sorted micro-batches; return per-token outputs and metrics.
 
         Gradients are reduce-scattered over DP (each rank keeps its optimizer shard's part);
         `full_grads=True` all-reduces instead, so every rank's `main_grad`s hold the whole
         gradient (for inspection and tests; the optimizer step works either way).
 
-        outputs: {name: [rows, seq] fp32 on the CPU, in the batch's row order, zero beyond each
-        row's length}, broadcast from the last pipeline stage to every stage; metrics: summed over
-        micro-batches (this DP rank only). The batch may be on the CPU: each micro-batch is moved
-        to the model's device, where loss_fn sees it.
+        outputs: {name: [rows, seq] fp32 on the model's device, in the batch's row order, zero
+        beyond each row's length}, broadcast from the last pipeline stage to every stage; with
+        `return_outputs=False` (a training pass whose caller reads only the losses) none are kept
+        and outputs is {}. metrics: summed over micro-batches (this DP rank only). The batch should
+        already be on the model's device (the trainer moves it once); a micro-batch that is not
+        is moved there, where loss_fn sees it.
         """
         if loss_fn is None and not forward_only:
             raise ValueError("forward_backward: loss_fn=None is only allowed with forward_only=True")
         if "grads" in self.released and not forward_only:
             raise RuntimeError("forward_backward: the gradient buffers are offloaded; call onload() first")
         micro = split_micro_batches(batch, self.max_tokens_per_micro_batch, self.seq_multiple)
-        if self.device.type != "cpu":                    # callers hand over host tensors
-            for mb in micro:
-                mb.data = {k: v.to(self.device, non_blocking=True) for k, v in mb.data.items()}
+        for mb in micro:                                 # no copy when already there
+            mb.rows = mb.rows.to(self.device)
+            mb.data = {k: v.to(self.device) for k, v in mb.data.items()}
         n, s = batch["input_ids"].shape
         collected: list[tuple[MicroBatch, dict[str, Tensor]]] = []
         metrics: dict[str, Tensor] = {}
@@ -423,7 +425,8 @@ class EngineCore:
 
         def loss_func(mb: MicroBatch, output: Tensor):
             outs = head_fn(output, mb.data)
-            collected.append((mb, {k: v.detach() for k, v in outs.items()}))
+            if return_outputs:
+                collected.append((mb, {k: v.detach() for k, v in outs.items()}))
             if loss_fn is None:
                 loss, m = sum(v.sum() for v in outs.values()) * 0.0, {}
             else:
@@ -444,21 +447,22 @@ class EngineCore:
         self._schedule(forward_step_func=forward_step, data_iterator=it, model=[self.model],
                        num_microbatches=len(micro), seq_length=s, micro_batch_size=1,
                        forward_only=forward_only, force_all_reduce=full_grads, **kwargs)
-        outputs = self._assemble(collected, n, s)
+        outputs = self._assemble(collected, n, s) if return_outputs else {}
         return {"outputs": outputs, "metrics": metrics, "num_micro_batches": len(micro)}
 
     def _assemble(self, collected: list, n: int, s: int) -> dict[str, Tensor]:
-        """Scatter micro-batch outputs back to [n, s] rows; broadcast them from the last PP stage."""
+        """Scatter micro-batch outputs back to [n, s] rows on the model's device; broadcast them
+        from the last PP stage (over the device's backend: nccl on GPUs)."""
         names = sorted(collected[0][1]) if collected else []
         if self.layout.pp > 1:                           # stages agree on the names through one object
             box = [names]
             dist.broadcast_object_list(box, group_src=self.layout.pp - 1, group=self.pgs.pp)
             names = box[0]
-        out = {k: torch.zeros(n, s, dtype=torch.float32) for k in names}
+        out = {k: torch.zeros(n, s, dtype=torch.float32, device=self.device) for k in names}
         for mb, outs in collected:
             w = min(mb.seq_len, s)                       # sequence-parallel padding may pass s
             for k, v in outs.items():
-                out[k][mb.rows, :w] = (v.float() * mb.data["attention_mask"])[:, :w].cpu()
+                out[k][mb.rows, :w] = (v.float() * mb.data["attention_mask"])[:, :w]
         if self.layout.pp > 1:
             for k in names:
                 dist.broadcast(out[k], group_src=self.layout.pp - 1, group=self.pgs.pp)
@@ -478,9 +482,10 @@ class Engine(abc.ABC):
         """Model output on the last stage [b, s, ...] -> per-token outputs {name: [b, s]}."""
 
     def forward_backward(self, batch: dict[str, Tensor], loss_fn: Optional[LossFn],
-                         forward_only: bool = False, *, full_grads: bool = False) -> dict[str, Any]:
+                         forward_only: bool = False, *, full_grads: bool = False,
+                         return_outputs: bool = True) -> dict[str, Any]:
         """Micro-batched forward (and backward unless forward_only); see EngineCore.run."""
-        return self.core.run(batch, self._head, loss_fn, forward_only, full_grads)
+        return self.core.run(batch, self._head, loss_fn, forward_only, full_grads, return_outputs)
 
     def step(self) -> dict[str, float]:
         """Optimizer step with grad clipping: grad_norm, lr, stepped."""

@@ -79,8 +79,9 @@ class _ChunkedLogProbs(torch.autograd.Function):
             del p
             local = targets[sl] - ctx.vocab_start
             inside = (local >= 0) & (local < v_local)
-            rows = torch.nonzero(inside)[:, 0]
-            dz[rows, local[rows]] += g_logp[sl][rows]
+            # + g_logp at each row's target column when this shard holds it (no host sync)
+            g_target = torch.where(inside, g_logp[sl].to(dz.dtype), 0.0)
+            dz.scatter_add_(1, local.clamp(0, v_local - 1)[:, None], g_target[:, None])
             dz = dz.to(hidden.dtype)
             g_hidden[sl] = dz @ weight
             g_weight += (dz.t() @ h).to(acc)

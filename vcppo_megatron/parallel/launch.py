@@ -209,8 +209,8 @@ GPU_BACKEND = "cpu:gloo,cuda:nccl"
 def init_distributed(env: Mapping[str, str] | None = None, backend: str | None = None,
                      timeout_s: float = 1800.0) -> LaunchEnv:
     """Initialise the default process group from the launch env: on GPUs nccl for CUDA tensors
-    and gloo for host tensors (the trainer reduces counts, metrics and per-token outputs on the
-    host; subgroups inherit both), on CPU gloo. Reading os.environ (`env` None), it also exports
+    and gloo for host tensors (the trainer reduces metrics on the host, per-token tensors on the
+    device; subgroups inherit both), on CPU gloo. Reading os.environ (`env` None), it also exports
     the torchrun-style variables (`export_launch_env`): under srun only SLURM_* are set."""
     launch = read_launch_env(env)
     if env is None:                       # before vLLM starts: its external launcher reads them

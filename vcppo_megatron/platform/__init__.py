@@ -3,7 +3,9 @@ from vcppo_megatron.platform.cpu_compat import (
     CudaToCpuMode,
     apply_cpu_compat,
     cpu_compat_applied,
+    cuda_to_cpu_suspended,
     setup_device,
 )
 
-__all__ = ["CudaToCpuMode", "apply_cpu_compat", "cpu_compat_applied", "setup_device"]
+__all__ = ["CudaToCpuMode", "apply_cpu_compat", "cpu_compat_applied", "cuda_to_cpu_suspended",
+           "setup_device"]

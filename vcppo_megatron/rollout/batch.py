@@ -45,9 +45,9 @@ def fit_prompts(prompt_token_ids: Sequence[Sequence[int]], max_prompt_tokens: in
 class RolloutBatch:
     """Sampled responses, one row per sample, padded to the longest response R of the batch.
 
-    `rollout_logprobs[i, t]` is log π_rollout(response t | prompt, response <t) of the sampled token
-    under the distribution it was sampled from (temperature and top-p applied; greedy: the plain
-    softmax), 0 where `response_mask` is False.
+    `rollout_logprobs[i, t]` (when asked for) is log π_rollout(response t | prompt, response <t) of
+    the sampled token under the distribution it was sampled from (temperature and top-p applied;
+    greedy: the plain softmax), 0 where `response_mask` is False.
     """
 
     prompt_index: torch.Tensor
@@ -60,8 +60,8 @@ class RolloutBatch:
     """[N, R] int64 response tokens, `pad_token_id` after each response's end."""
     response_mask: torch.Tensor
     """[N, R] bool: True on response tokens."""
-    rollout_logprobs: torch.Tensor
-    """[N, R] float32 log-probs of the sampled tokens (see the class docstring)."""
+    rollout_logprobs: torch.Tensor | None
+    """[N, R] float32 log-probs of the sampled tokens (see the class docstring); None unless asked for."""
     response_lengths: torch.Tensor
     """[N] int64 tokens per response."""
     finish_reasons: list[FinishReason]
@@ -78,24 +78,28 @@ class RolloutBatch:
 
 
 def pad_responses(prompt_index: list[int], prompts: list[list[int]], responses: list[list[int]],
-                  logprobs: list[list[float]], finish_reasons: list[FinishReason],
+                  logprobs: list[list[float]] | None, finish_reasons: list[FinishReason],
                   num_truncated: int, num_skipped: int, pad_token_id: int = 0) -> RolloutBatch:
-    """Build a `RolloutBatch` from per-sample lists, padding responses to the longest one."""
+    """Build a `RolloutBatch` from per-sample lists, padding responses to the longest one
+    (`logprobs` None: no `rollout_logprobs`)."""
     n = len(responses)
-    width = max((len(r) for r in responses), default=0)
-    tokens = torch.full((n, width), pad_token_id, dtype=torch.int64)
-    mask = torch.zeros((n, width), dtype=torch.bool)
-    lps = torch.zeros((n, width), dtype=torch.float32)
-    for i, (resp, lp) in enumerate(zip(responses, logprobs, strict=True)):
-        if len(resp) != len(lp):
-            raise ValueError(f"sample {i}: {len(resp)} tokens but {len(lp)} log-probs; expected equal")
-        tokens[i, :len(resp)] = torch.tensor(resp, dtype=torch.int64)
-        mask[i, :len(resp)] = True
-        lps[i, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    lengths = torch.tensor([len(r) for r in responses], dtype=torch.int64)
+    width = int(lengths.max()) if n else 0
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    flat = torch.tensor([t for r in responses for t in r], dtype=torch.int64)
+    tokens = torch.full((n, width), pad_token_id, dtype=torch.int64).masked_scatter_(mask, flat)
+    lps = None
+    if logprobs is not None:
+        if len(logprobs) != n:
+            raise ValueError(f"{n} responses but {len(logprobs)} log-prob lists; expected equal")
+        for i, (resp, lp) in enumerate(zip(responses, logprobs)):
+            if len(resp) != len(lp):
+                raise ValueError(f"sample {i}: {len(resp)} tokens but {len(lp)} log-probs; expected equal")
+        lps = torch.zeros((n, width), dtype=torch.float32).masked_scatter_(
+            mask, torch.tensor([x for lp in logprobs for x in lp], dtype=torch.float32))
     return RolloutBatch(
         prompt_index=torch.tensor(prompt_index, dtype=torch.int64),
         prompt_token_ids=prompts, response_token_ids=responses, responses=tokens,
-        response_mask=mask, rollout_logprobs=lps,
-        response_lengths=torch.tensor([len(r) for r in responses], dtype=torch.int64),
+        response_mask=mask, rollout_logprobs=lps, response_lengths=lengths,
         finish_reasons=finish_reasons, num_truncated_prompts=num_truncated,
         num_skipped_prompts=num_skipped)

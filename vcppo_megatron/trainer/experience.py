@@ -6,9 +6,15 @@ per-token tensor belongs to token t. The policy engine scores token t at positio
 tokens' own positions. The critic's value of response token t is V(s_t), the value head's output
 at position t - 1 (the state from which token t is generated): `values_of_tokens` shifts it.
 GAE runs on response-aligned [N, R] views (`to_response` / `to_full` convert).
+
+Device. `build_experience` packs the rollout's lists on the host; `Experience.to(device)` moves the
+rows to the engines' device once, and every view below is made on the device of the tensors it is
+given, so values, log-probs, rewards, advantages and returns stay there from the forward passes to
+the losses (tests/unit/test_device_residency.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,23 +48,32 @@ class Samples:
 
 def sample_and_score(engine: RolloutEngine, prompts: Sequence[Sequence[int]], answers: Sequence[str],
                      tokenizer: Any, *, samples_per_prompt: int, seed: int, reward_cfg: Any,
-                     greedy: bool = False) -> Samples:
-    """Generate `samples_per_prompt` responses per prompt and score each with the verifier."""
+                     greedy: bool = False, verify: bool = True, logprobs: bool = False) -> Samples:
+    """Generate `samples_per_prompt` responses per prompt and score each with the verifier.
+
+    `logprobs`: also record vLLM's log-prob of each sampled token (`Samples.rollout_logprobs`).
+
+    `verify=False` (a rank of a rollout tensor-parallel group other than its leader: the group
+    samples the same responses and only the leader's are used) skips the verifier: `rewards` is
+    then empty.
+    """
     batch = engine.generate(prompts, samples_per_prompt, greedy=greedy, seed=seed,
-                            stop_token_ids=[tokenizer.eos_token_id])
-    drop = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
-    texts = [tokenizer.decode([t for t in ids if t not in drop]) for ids in batch.response_token_ids]
+                            stop_token_ids=[tokenizer.eos_token_id], logprobs=logprobs)
     index = batch.prompt_index.tolist()
-    rewards = batch_math_reward(texts, [answers[i] for i in index], correct_reward=reward_cfg.correct_reward,
-                                wrong_reward=reward_cfg.wrong_reward, timeout_s=reward_cfg.timeout_s,
-                                num_workers=reward_cfg.num_workers)
+    rewards: list[float] = []
+    if verify:
+        drop = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+        texts = tokenizer.batch_decode([[t for t in ids if t not in drop] for ids in batch.response_token_ids])
+        rewards = batch_math_reward(texts, [answers[i] for i in index], correct_reward=reward_cfg.correct_reward,
+                                    wrong_reward=reward_cfg.wrong_reward, timeout_s=reward_cfg.timeout_s,
+                                    num_workers=reward_cfg.num_workers)
     return Samples(prompt_ids=[list(p) for p in batch.prompt_token_ids],
                    response_ids=[list(r) for r in batch.response_token_ids],
                    rewards=[float(r) for r in rewards],
                    truncated=[reason == "length" for reason in batch.finish_reasons], prompt_index=index,
                    num_skipped_prompts=batch.num_skipped_prompts,
-                   rollout_logprobs=[batch.rollout_logprobs[i, :len(r)].tolist()
-                                     for i, r in enumerate(batch.response_token_ids)])
+                   rollout_logprobs=[] if batch.rollout_logprobs is None else
+                   [batch.rollout_logprobs[i, :len(r)].tolist() for i, r in enumerate(batch.response_token_ids)])
 
 
 def gather_samples(local: Samples, group: dist.ProcessGroup | None, contributes: bool) -> Samples:
@@ -97,17 +112,18 @@ class Experience:
     response_lens: Tensor   # [N] int64
     rewards: Tensor         # [N] float32
     truncated: Tensor       # [N] bool
+    max_response_len: int   # R, the longest response (known on the host: no device read)
     rollout_log_probs: Tensor | None = None   # [N, S] float32 on response tokens: the rollout engine's
     actor_log_probs: Tensor | None = None     # [N, S]: the actor's old log-probs, once computed
 
-    @property
-    def max_response_len(self) -> int:
-        """R: the longest response."""
-        return int(self.response_lens.max()) if len(self.response_lens) else 0
+    def to(self, device: torch.device | str) -> "Experience":
+        """The same rows on `device` (no copy when already there)."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), Tensor)})
 
     def _positions(self) -> tuple[Tensor, Tensor]:
         """[N, R] sequence positions of response tokens (clamped) and the [N, R] response mask."""
-        r = torch.arange(self.max_response_len)[None, :]
+        r = torch.arange(self.max_response_len, device=self.input_ids.device)[None, :]
         pos = (self.prompt_lens[:, None] + r).clamp(max=self.input_ids.shape[1] - 1)
         return pos, (r < self.response_lens[:, None])
 
@@ -123,13 +139,13 @@ class Experience:
     def to_full(self, resp: Tensor) -> Tensor:
         """[N, R] response-aligned tensor -> [N, S] (0 on prompt and padding positions)."""
         pos, mask = self._positions()
-        out = torch.zeros(self.input_ids.shape, dtype=resp.dtype)
+        out = torch.zeros(self.input_ids.shape, dtype=resp.dtype, device=resp.device)
         out.scatter_(1, torch.where(mask, pos, 0), resp * mask.to(resp.dtype))
         return out * self.loss_mask.to(resp.dtype)
 
     def token_rewards(self) -> Tensor:
         """[N, R] sparse rewards: the verifier's score on each response's last token."""
-        r = torch.arange(self.max_response_len)[None, :]
+        r = torch.arange(self.max_response_len, device=self.rewards.device)[None, :]
         last = r == (self.response_lens[:, None] - 1)
         return last.float() * self.rewards[:, None]
 
@@ -150,19 +166,19 @@ def build_experience(samples: Samples, pad_token_id: int) -> Experience:
     if any(len(p) == 0 for p in samples.prompt_ids):
         raise ValueError("a prompt has no tokens: expected >= 1 (the first response token is scored "
                          "given the prompt)")
-    seq = max(len(x) for x in rows)
-    ids = torch.full((len(rows), seq), pad_token_id, dtype=torch.long)
-    attn = torch.zeros(len(rows), seq, dtype=torch.long)
-    loss = torch.zeros(len(rows), seq)
-    for i, (row, p) in enumerate(zip(rows, samples.prompt_ids)):
-        ids[i, :len(row)] = torch.tensor(row)
-        attn[i, :len(row)] = 1
-        loss[i, len(p):len(row)] = 1.0
-    return Experience(input_ids=ids, attention_mask=attn, loss_mask=loss,
-                      prompt_lens=torch.tensor([len(p) for p in samples.prompt_ids]),
-                      response_lens=torch.tensor([len(r) for r in samples.response_ids]),
+    prompt_lens = torch.tensor([len(p) for p in samples.prompt_ids])
+    response_lens = torch.tensor([len(r) for r in samples.response_ids])
+    row_lens = prompt_lens + response_lens
+    col = torch.arange(int(row_lens.max()))[None, :]
+    filled = col < row_lens[:, None]
+    ids = torch.full(filled.shape, pad_token_id, dtype=torch.long).masked_scatter_(
+        filled, torch.tensor([t for row in rows for t in row], dtype=torch.long))
+    return Experience(input_ids=ids, attention_mask=filled.long(),
+                      loss_mask=(filled & (col >= prompt_lens[:, None])).float(),
+                      prompt_lens=prompt_lens, response_lens=response_lens,
                       rewards=torch.tensor(samples.rewards, dtype=torch.float32),
                       truncated=torch.tensor(samples.truncated, dtype=torch.bool),
+                      max_response_len=int(response_lens.max()),
                       rollout_log_probs=_rollout_log_probs(samples, ids.shape))
 
 
@@ -180,4 +196,4 @@ def logprob_abs_diff(exp: Experience) -> Tensor | None:
     """[N, R] |actor old log-prob - rollout log-prob| per response token; None unless both are known."""
     if exp.rollout_log_probs is None or exp.actor_log_probs is None:
         return None
-    return exp.to_response((exp.actor_log_probs.float() - exp.rollout_log_probs).abs())
+    return exp.to_response((exp.actor_log_probs.float() - exp.rollout_log_probs.to(exp.actor_log_probs.device)).abs())

@@ -321,6 +321,11 @@ class Trainer:
         offset = {"value_pretrain": 1, "rl": 2}[phase]
         return (self.cfg.trainer.seed * 1_000_003 + offset * 10_000_019 + step * 65_537) % (2**31 - 1)
 
+    def _checks_logprobs(self, step: int) -> bool:
+        """Whether RL step `step` asks vLLM for its log-probs (rollout.logprob_check_interval)."""
+        every = self.cfg.rollout.logprob_check_interval
+        return every > 0 and step % every == 0
+
     def _rl_step(self, phase: str, step: int) -> dict[str, float]:
         cfg, algo = self.cfg, self.cfg.algo
         train_actor = phase == "rl"
@@ -330,15 +335,18 @@ class Trainer:
         share = len(indices) // self.replicas
         mine = indices[self.replica * share:(self.replica + 1) * share]
         seed = self._step_seed(phase, step) + self.replica * 7_919
+        leader = self.rank % self.rollout_tp == 0        # a rollout TP group samples the same rows
         with self.colocation.generating():
             samples = sample_and_score(self.rollout, [self.train_set.prompt_ids[i] for i in mine],
                                        [self.train_set.answers[i] for i in mine], self.tokenizer,
                                        samples_per_prompt=cfg.batch.samples_per_prompt, seed=seed,
-                                       reward_cfg=cfg.reward)
+                                       reward_cfg=cfg.reward, verify=leader,
+                                       logprobs=train_actor and self._checks_logprobs(step))
         self.colocation.after_rollout(weights_change=train_actor)
         times["rollout"] = time.perf_counter() - t
-        samples = gather_samples(samples, self.actor_pgs.mp, self.rank % self.rollout_tp == 0)
-        exp = build_experience(samples, self.tokenizer.pad_token_id)
+        samples = gather_samples(samples, self.actor_pgs.mp, leader)
+        # per-token tensors live on the engines' device from here to the losses (GAE included)
+        exp = build_experience(samples, self.tokenizer.pad_token_id).to(self.actor.core.device)
         batch = {"input_ids": exp.input_ids, "attention_mask": exp.attention_mask}
         t = time.perf_counter()
         with self.critic.eval_mode():
@@ -392,7 +400,7 @@ class Trainer:
         acc = MetricAccumulator()
         positions = PositionStats(self.cfg.trainer.position_bucket_size, self.cfg.trainer.position_num_buckets)
         n = float(len(exp.rewards))
-        lengths = exp.response_lens.double()
+        lengths = exp.response_lens.double().cpu()       # per-token tensors are reduced, not copied
         tokens = float((exp.prompt_lens + exp.response_lens).sum())
         acc.add_shares({"reward/mean": exp.rewards.double().sum() / n,
                         "reward/accuracy": (exp.rewards > 0).double().sum() / n,

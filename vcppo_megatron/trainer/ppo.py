@@ -64,7 +64,9 @@ def ppo_update(engine: Any, batch: dict[str, Tensor], make_loss_fn: Callable[[Gl
                epochs: int, mini_batches: int, generator: torch.Generator,
                dp_group: dist.ProcessGroup | None) -> UpdateResult:
     """`epochs` passes over this replica's rows in `mini_batches` shuffled mini-batches, one
-    optimizer step each. `batch` holds input_ids, attention_mask, loss_mask and the loss inputs."""
+    optimizer step each. `batch` holds input_ids, attention_mask, loss_mask and the loss inputs, on
+    the engine's device: mini-batches are cut there (the shuffle, drawn from the host `generator`,
+    goes over once per epoch) and no per-token output is kept."""
     n = batch["input_ids"].shape[0]
     if n % mini_batches:
         raise ValueError(f"{n} rows on this data-parallel rank: expected a multiple of the "
@@ -75,14 +77,14 @@ def ppo_update(engine: Any, batch: dict[str, Tensor], make_loss_fn: Callable[[Gl
     norms: list[float] = []
     lr = 0.0
     for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(batch["input_ids"].device)
         for k in range(mini_batches):
             rows = order[k * per:(k + 1) * per]
             mb = {key: t[rows] for key, t in batch.items()}
             counts = global_counts(mb["loss_mask"], mb["is_positive"], group=dp_group)
             engine.zero_grad()
             with engine.train_mode():
-                out = engine.forward_backward(mb, make_loss_fn(counts))
+                out = engine.forward_backward(mb, make_loss_fn(counts), return_outputs=False)
             stats = engine.step()
             for name, value in out["metrics"].items():
                 shares[name] = shares.get(name, 0.0) + value.detach().double() / total
