@@ -38,8 +38,11 @@ def _run(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedPr
 
 
 def test_script_passes_shellcheck_and_runs_each_issue14_file_as_one_step():
-    subprocess.run([str(ROOT / ".venv" / "bin" / "shellcheck") if (ROOT / ".venv" / "bin" / "shellcheck").exists()
-                    else "shellcheck", str(SCRIPT)], check=True)
+    from test_slurm_scripts import _shellcheck
+
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    out = subprocess.run([_shellcheck(), str(SCRIPT)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
     text = SCRIPT.read_text()
     gpu = re.compile(r"^pytestmark = pytest\.mark\.gpu|^@pytest\.mark\.gpu|marks=pytest\.mark\.gpu", re.M)
     files = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "tests" / "unit").glob("test_cuda_*.py")
