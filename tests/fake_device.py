@@ -16,6 +16,10 @@ and `is_cuda` True, so the code takes its GPU branches there, and the mode recor
   GPU raises a device mismatch or copies implicitly.
 Anywhere else (Megatron, torch internals, autograd) device tensors keep their real CPU device and
 nothing is recorded; marks still propagate. Each record names the op and its caller (file:line).
+
+With `real=True` (on a GPU) the mode only follows and records: a tensor is on the device when it
+really is (`is_cuda`), nothing is marked or rewritten, and the same records are kept, so one test
+body checks the data path with the stand-in on CPU and with the real device on a GPU.
 """
 from __future__ import annotations
 
@@ -77,12 +81,13 @@ _GETTERS = {torch.Tensor.device.__get__: "device", torch.Tensor.is_cuda.__get__:
 
 class FakeCudaMode(TorchFunctionMode):
     """See the module docstring. `phase` labels records (e.g. 'before forwards'); `checking=False`
-    pauses recording (marks still propagate)."""
+    pauses recording (marks still propagate); `real`: follow a real GPU's tensors instead."""
 
-    def __init__(self, checked: Iterable[str], min_dim: int = 2) -> None:
+    def __init__(self, checked: Iterable[str], min_dim: int = 2, real: bool = False) -> None:
         super().__init__()
         self.checked = tuple(checked)
         self.min_dim = min_dim
+        self.real = real
         self.on_device: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.records: list[Transfer] = []
         self.phase = "start"
@@ -91,14 +96,20 @@ class FakeCudaMode(TorchFunctionMode):
     # ---- marks --------------------------------------------------------------------------------
     def mark(self, tensors: Iterable[torch.Tensor]) -> None:
         """Treat these tensors (e.g. the engines' parameters) as living on the device."""
+        if self.real:
+            return
         for t in tensors:
             self.on_device[t] = True
 
     def is_device(self, t: torch.Tensor) -> bool:
-        """Whether `t` would be on the GPU."""
+        """Whether `t` would be on the GPU (with `real`: is)."""
+        if self.real:
+            return t.is_cuda
         return t in self.on_device
 
     def _mark_out(self, out: Any) -> Any:
+        if self.real:
+            return out
         for t in _tensors(out):
             self.on_device[t] = True
         return out
@@ -122,7 +133,7 @@ class FakeCudaMode(TorchFunctionMode):
         where = self._caller()
         if func in _GETTERS:
             real = func(*args, **kwargs)
-            if where is None or not self.is_device(args[0]):
+            if self.real or where is None or not self.is_device(args[0]):
                 return real
             return {"device": FAKE, "is_cuda": True, "is_cpu": False}[_GETTERS[func]]
         if func in (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu):
@@ -145,7 +156,7 @@ class FakeCudaMode(TorchFunctionMode):
         if device_in and host_in:
             self._record("mixed", func, where, host_in)
         device_kw = kwargs.get("device")
-        if device_kw is not None and _is_cuda(device_kw):
+        if device_kw is not None and _is_cuda(device_kw) and not self.real:
             kwargs = dict(kwargs, device="cpu")
             return self._mark_out(func(*args, **kwargs))
         out = func(*args, **kwargs)
@@ -153,6 +164,14 @@ class FakeCudaMode(TorchFunctionMode):
 
     def _move(self, func: Callable, args: tuple, kwargs: dict, where: str | None) -> Any:
         """.to / .cuda / .cpu: a transfer when the tensor changes sides (a copy, never an alias)."""
+        if self.real:                                        # record, then move as asked
+            self._move_stand_in(func, args, kwargs, where, record_only=True)
+            return func(*args, **kwargs)
+        return self._move_stand_in(func, args, kwargs, where)
+
+    def _move_stand_in(self, func: Callable, args: tuple, kwargs: dict, where: str | None,
+                       record_only: bool = False) -> Any:
+        """The stand-in's move (or, with `record_only`, its records alone)."""
         src = args[0]
         if func is torch.Tensor.cuda:
             target: Any = FAKE
@@ -169,20 +188,22 @@ class FakeCudaMode(TorchFunctionMode):
             kwargs = {k: v for k, v in kwargs.items() if k != "device"}
             args = (src, *rest)
         if target is None:                                   # dtype / memory-format only
+            if record_only:
+                return None
             out = func(*args, **kwargs)
             return self._mark_out(out) if self.is_device(src) else out
         plain = {k: v for k, v in kwargs.items() if k not in ("non_blocking", "memory_format", "copy")}
         dtype = next((a for a in args[1:] if isinstance(a, torch.dtype)), plain.get("dtype"))
         if _is_cuda(target):
             if self.is_device(src):
-                return self._mark_out(src if dtype in (None, src.dtype) else src.to(dtype))
+                return None if record_only else self._mark_out(src if dtype in (None, src.dtype) else src.to(dtype))
             if src.dim() >= self.min_dim:
                 self._record("h2d", func, where, [src])
-            return self._mark_out(src.to(dtype=dtype or src.dtype, copy=True))
+            return None if record_only else self._mark_out(src.to(dtype=dtype or src.dtype, copy=True))
         if _is_cpu(target):
             if not self.is_device(src):
-                return src if dtype in (None, src.dtype) else src.to(dtype)
+                return None if record_only else (src if dtype in (None, src.dtype) else src.to(dtype))
             if src.dim() >= self.min_dim:
                 self._record("d2h", func, where, [src])
-            return src.to(dtype=dtype or src.dtype, copy=True)
+            return None if record_only else src.to(dtype=dtype or src.dtype, copy=True)
         raise AssertionError(f"FakeCudaMode: unexpected target device {target!r}")

@@ -9,6 +9,7 @@ called with device tensors and computes with the CPU kernel. Between the first f
 the last loss, no per-token tensor (two or more dimensions) may be copied to the host or from the
 host, and no op may mix device tensors with host tensors (a GPU raises or copies there); the loss
 functions must receive only device tensors, and GAE must take the Triton path, once.
+tests/unit/test_cuda_data_path.py runs the same body (`run_checked_rl_step`) on a real GPU.
 """
 from __future__ import annotations
 
@@ -58,55 +59,74 @@ class FakeRollout:
         return False
 
 
-@pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
+def make_trainer(out: Path):
+    """The demo's tiny trainer (in the current world) with the colocation started on FakeRollout."""
     from vcppo_megatron.config import load_config
     from vcppo_megatron.parallel.memory_timeline import Timeline
     from vcppo_megatron.trainer.colocation import Colocation
     from vcppo_megatron.trainer.loop import Trainer
 
-    out = tmp_path_factory.mktemp("residency")
     cfg = load_config(ROOT / "examples" / "tiny_cpu.yaml", [
         f"trainer.output_dir={out}", "batch.global_prompts_per_step=4", "batch.samples_per_prompt=2",
         "batch.global_mini_batch_size=4", "batch.micro_batch_size=2", "algo.nll_coef=0.1"])
+    t = Trainer(cfg)
+    t.colocation = Colocation(Timeline.from_config(cfg), {"actor": t.actor, "critic": t.critic})
+    t.rollout = t.colocation.start_rollout(lambda: FakeRollout(t.tokenizer))
+    return t
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
     with one_gloo_rank():
-        t = Trainer(cfg)
-        t.colocation = Colocation(Timeline.from_config(cfg), {"actor": t.actor, "critic": t.critic})
-        t.rollout = t.colocation.start_rollout(lambda: FakeRollout(t.tokenizer))
+        t = make_trainer(tmp_path_factory.mktemp("residency"))
         yield t
         t.writer.close()
 
 
-def test_per_token_tensors_stay_on_the_device_from_forward_passes_to_losses(trainer, monkeypatch):
+def run_checked_rl_step(trainer, monkeypatch, mode: FakeCudaMode) -> dict:
+    """One `Trainer._rl_step` under `mode` (the stand-in GPU, or with `mode.real` the real one),
+    recording the transfers and, per call, whether GAE (Triton path) and the losses got device
+    tensors; returns {"metrics", "gae_calls", "loss_inputs"}."""
     import vcppo_megatron.algorithms.gae as gae
     import vcppo_megatron.trainer.ppo as ppo
-    from vcppo_megatron.algorithms.gae_numba import decoupled_gae_cpu
 
-    mode = FakeCudaMode(CHECKED)
     hooks: list = []
-    for engine in (trainer.actor, trainer.critic):
-        monkeypatch.setattr(engine.core, "device", torch.device("cuda", 0))
-        mode.mark(engine.core.raw_model.parameters())
-        mode.mark(engine.core.raw_model.buffers())
-        mode.mark(p.main_grad for p in engine.core.raw_model.parameters() if hasattr(p, "main_grad"))
-        mode.mark(t for b in engine.core.model.buffers for t in (b.param_data, b.grad_data) if t is not None)
-        # the model's outputs are on the device (marks do not follow Megatron's autograd Functions)
-        hook = engine.core.model.register_forward_hook(lambda module, inputs, output: mode.mark(
-            [output] if isinstance(output, torch.Tensor) else [t for t in output if isinstance(t, torch.Tensor)]))
-        hooks.append(hook)
+    gae_calls: list = []
+    if mode.real:                                            # the real kernel, watched
+        import vcppo_megatron.algorithms.gae_triton as gae_triton
 
-    gae_calls = []
+        kernel = gae_triton.decoupled_gae_triton
 
-    def triton_stand_in(rewards, values, mask, *, out=None, **kw):
-        gae_calls.append([mode.is_device(x) for x in (rewards, values, mask)])
-        with torch.overrides._pop_mode_temporarily():                # compute as the kernel would
-            adv, ret = decoupled_gae_cpu(rewards, values, mask, **kw)
-        mode.mark([adv, ret])
-        return adv, ret
+        def triton_watched(rewards, values, mask, *, out=None, **kw):
+            gae_calls.append([mode.is_device(x) for x in (rewards, values, mask)])
+            with torch.overrides._pop_mode_temporarily():
+                return kernel(rewards, values, mask, out=out, **kw)
 
-    monkeypatch.setattr(gae, "_triton_available", lambda: True)
-    monkeypatch.setitem(__import__("sys").modules, "vcppo_megatron.algorithms.gae_triton",
-                        types.SimpleNamespace(decoupled_gae_triton=triton_stand_in))
+        monkeypatch.setattr(gae_triton, "decoupled_gae_triton", triton_watched)
+    else:
+        from vcppo_megatron.algorithms.gae_numba import decoupled_gae_cpu
+
+        for engine in (trainer.actor, trainer.critic):
+            monkeypatch.setattr(engine.core, "device", torch.device("cuda", 0))
+            mode.mark(engine.core.raw_model.parameters())
+            mode.mark(engine.core.raw_model.buffers())
+            mode.mark(p.main_grad for p in engine.core.raw_model.parameters() if hasattr(p, "main_grad"))
+            mode.mark(t for b in engine.core.model.buffers for t in (b.param_data, b.grad_data) if t is not None)
+            # the model's outputs are on the device (marks do not follow Megatron's autograd Functions)
+            hook = engine.core.model.register_forward_hook(lambda module, inputs, output: mode.mark(
+                [output] if isinstance(output, torch.Tensor) else [t for t in output if isinstance(t, torch.Tensor)]))
+            hooks.append(hook)
+
+        def triton_stand_in(rewards, values, mask, *, out=None, **kw):
+            gae_calls.append([mode.is_device(x) for x in (rewards, values, mask)])
+            with torch.overrides._pop_mode_temporarily():                # compute as the kernel would
+                adv, ret = decoupled_gae_cpu(rewards, values, mask, **kw)
+            mode.mark([adv, ret])
+            return adv, ret
+
+        monkeypatch.setattr(gae, "_triton_available", lambda: True)
+        monkeypatch.setitem(__import__("sys").modules, "vcppo_megatron.algorithms.gae_triton",
+                            types.SimpleNamespace(decoupled_gae_triton=triton_stand_in))
     loss_inputs = []
 
     def checked(loss):
@@ -139,14 +159,27 @@ def test_per_token_tensors_stay_on_the_device_from_forward_passes_to_losses(trai
     finally:
         for hook in hooks:
             hook.remove()
+    return {"metrics": metrics, "gae_calls": gae_calls, "loss_inputs": loss_inputs}
+
+
+def assert_stays_on_the_device(mode: FakeCudaMode, result: dict) -> None:
+    """No per-token transfer or mixed op between the first forward pass and the last loss; rows
+    moved in by experience.py only; GAE on the device through the Triton path, once; losses fed
+    device tensors only; the step's rewards as FakeRollout made them."""
     assert mode.phase == "forwards and losses" and not mode.checking, "the step did not reach its metrics"
     in_window = [r for r in mode.records if r.phase == "forwards and losses"]
     assert not in_window, "host <-> device traffic between the forward passes and the losses:\n" + \
         "\n".join(str(r) for r in in_window[:20])
     moved_in = [r for r in mode.records if r.kind == "h2d"]
     assert moved_in and all(r.where.startswith("trainer/experience.py") for r in moved_in), moved_in
+    gae_calls, loss_inputs = result["gae_calls"], result["loss_inputs"]
     assert gae_calls == [[True, True, True]], f"GAE on the device through the Triton path, once: {gae_calls}"
     names = [name for name, _, _ in loss_inputs]
     assert "actor_loss" in names and "critic_loss" in names
     assert all(on_device for _, on_device, _ in loss_inputs), loss_inputs
-    assert metrics["reward/accuracy"] == pytest.approx(0.5)
+    assert result["metrics"]["reward/accuracy"] == pytest.approx(0.5)
+
+
+def test_per_token_tensors_stay_on_the_device_from_forward_passes_to_losses(trainer, monkeypatch):
+    mode = FakeCudaMode(CHECKED)
+    assert_stays_on_the_device(mode, run_checked_rl_step(trainer, monkeypatch, mode))
