@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vcppo_megatron.algorithms.gae import decoupled_gae, whiten_advantages
+from vcppo_megatron.algorithms.advantages import compute_advantages, needs_critic
 from vcppo_megatron.algorithms.metrics import MetricAccumulator
 from vcppo_megatron.algorithms.pass_at_k import avg_at_k, default_ks, mean_pass_at_k
 from vcppo_megatron.algorithms.position_stats import PositionStats
@@ -138,13 +138,15 @@ class Trainer:
                                                                + cfg.rollout.max_response_tokens)
         self.actor = self._policy_engine(cfg.actor.optim, cfg.trainer.num_steps * self.sizes.mini_batches_per_step
                                          * cfg.algo.ppo_epochs)
+        # no critic for an estimator without a value model (GRPO): every use below checks for None
         self.critic = ValueEngine(self.hf_config if cfg.critic.model_path is None
                                   else setup.read_hf_config(Path(cfg.critic.model_path)),
                                   self.critic_pgs, self.layout, optim=cfg.critic.optim,
                                   max_tokens_per_micro_batch=self.max_tokens_per_mb, attention_backend="auto",
                                   params_dtype=getattr(torch, cfg.critic.params_dtype),
-                                  **self._parallel_options(cfg.critic.parallel))
+                                  **self._parallel_options(cfg.critic.parallel)) if needs_critic(cfg.algo) else None
         self.writer = MetricWriter(self.out / "tensorboard", enabled=self.rank == self.log_rank)
+        self.writer.run_settings(cfg, [f"eval/{self.eval_set.name}/avg@{cfg.trainer.eval_samples}"])  # HParams
         self.rollout: RolloutEngine | None = None
         self.colocation: Colocation | None = None
         self.state: dict[str, Any] = {"phase": "sft", "phase_step": 0, "actor_step": None,
@@ -162,7 +164,8 @@ class Trainer:
         """One line: each role's sequence parallelism and activation recompute, as the engines run."""
         parts = [f"{role}: sequence parallel {'on' if core.config.sequence_parallel else 'off'}, activation "
                  f"recompute {core.config.recompute_granularity or 'none'}"
-                 for role, core in (("actor", self.actor.core), ("critic", self.critic.core))]
+                 for role, core in (("actor", self.actor.core), ("critic", self.critic and self.critic.core))
+                 if core is not None]
         return "; ".join(parts)
 
     def _parallel_options(self, parallel: Any) -> dict[str, Any]:
@@ -186,6 +189,8 @@ class Trainer:
 
     def _init_critic_from_policy(self) -> None:
         """VC-PPO: the critic starts from the (SFT) policy's trunk, value head zero."""
+        if self.critic is None:
+            return
         if self.cfg.critic.model_path is not None:
             self.critic.load_hf_dir(self.cfg.critic.model_path, init_from=self.cfg.critic.init_from)
             return
@@ -196,6 +201,7 @@ class Trainer:
     def _save(self, global_step: int, *, actor: bool) -> None:
         """Checkpoint the critic (and the actor when `actor`) with the training state."""
         t0 = time.perf_counter()
+        actor = actor or self.critic is None          # no critic: the actor's checkpoint holds the state
         if actor:
             self.state["actor_step"] = global_step
         state = dict(self.state, global_step=global_step, data=self.order.state_dict(),
@@ -208,25 +214,31 @@ class Trainer:
                                        model_config=self.hf_config, optimizer_format=fmt)
             if self.rank == 0:          # config + tokenizer: converters and tools/evaluate.py read them
                 copy_hf_files(self.model_dir, step_dir / HF_SUBDIR)
-        save_checkpoint(self.ckpt_root / "critic", global_step, model=self.critic.core.model,
-                        pg_collection=self.critic_pgs, optimizer=_optimizer_if_stepped(self.critic),
-                        scheduler=self.critic.core.scheduler, training_state=state,
-                        model_config=self.critic.hf_config, optimizer_format=fmt)
+        if self.critic is not None:
+            save_checkpoint(self.ckpt_root / "critic", global_step, model=self.critic.core.model,
+                            pg_collection=self.critic_pgs, optimizer=_optimizer_if_stepped(self.critic),
+                            scheduler=self.critic.core.scheduler, training_state=state,
+                            model_config=self.critic.hf_config, optimizer_format=fmt)
         self._print(f"== checkpoint step {global_step} ({state['phase']} step {state['phase_step']}) "
                     f"saved in {time.perf_counter() - t0:.1f}s under {self.ckpt_root}")
 
     def _resume(self) -> bool:
         """Load the latest checkpoint under output_dir; False when there is none."""
-        if not (self.ckpt_root / "critic" / "latest").is_file():
+        anchor = self.ckpt_root / ("critic" if self.critic is not None else "actor")   # holds the state
+        if not (anchor / "latest").is_file():
             return False
-        critic_dir = resolve_checkpoint_dir(self.ckpt_root / "critic")
-        state = _load_engine(critic_dir, self.critic, self.critic_pgs, self.critic.hf_config)
-        actor_dir = self.ckpt_root / "actor" / step_dir_name(state["actor_step"])
-        _load_engine(actor_dir, self.actor, self.actor_pgs, self.hf_config)
+        state_dir = resolve_checkpoint_dir(anchor)
+        if self.critic is not None:
+            state = _load_engine(state_dir, self.critic, self.critic_pgs, self.critic.hf_config)
+            actor_dir = self.ckpt_root / "actor" / step_dir_name(state["actor_step"])
+            _load_engine(actor_dir, self.actor, self.actor_pgs, self.hf_config)
+        else:
+            actor_dir = state_dir
+            state = _load_engine(actor_dir, self.actor, self.actor_pgs, self.hf_config)
         self.order.load_state_dict(state["data"])
         self.summary = dict(state["summary"])
         self.state = {k: state[k] for k in ("phase", "phase_step", "actor_step", "ev_best", "ev_since")}
-        self._print(f"== resumed from {critic_dir} (actor {actor_dir.name}): phase {self.state['phase']}, "
+        self._print(f"== resumed from {state_dir} (actor {actor_dir.name}): phase {self.state['phase']}, "
                     f"{self.state['phase_step']} steps done")
         return True
 
@@ -302,24 +314,25 @@ class Trainer:
         exp = build_experience(samples, self.tokenizer.pad_token_id)
         batch = {"input_ids": exp.input_ids, "attention_mask": exp.attention_mask}
         t = time.perf_counter()
-        with self.critic.eval_mode():
-            values = values_of_tokens(self.critic.forward_backward(batch, None, True)["outputs"]["values"])
+        values = None
+        if self.critic is not None:
+            with self.critic.eval_mode():
+                values = values_of_tokens(self.critic.forward_backward(batch, None, True)["outputs"]["values"])
         if train_actor:
             with self.actor.eval_mode():
                 old_lp = self.actor.forward_backward(batch, None, True)["outputs"]["log_probs"]
         times["values"] = time.perf_counter() - t
         t = time.perf_counter()
-        resp_mask, values_r = exp.response_mask(), exp.to_response(values)
-        # VC-PPO §3.2: value pretraining regresses on λ = 1 Monte-Carlo returns
-        adv_r, ret_r = decoupled_gae(exp.token_rewards(), values_r, resp_mask, gamma=algo.gamma,
-                                     lam_actor=algo.lam_actor,
-                                     lam_critic=algo.lam_critic if train_actor else 1.0,
-                                     length_adaptive_alpha=algo.length_adaptive_alpha)
-        if algo.whiten_advantages:
-            adv_r = whiten_advantages(adv_r, resp_mask, group=self.actor_pgs.dp)
+        resp_mask = exp.response_mask()
+        values_r = None if values is None else exp.to_response(values)
+        # algo.advantage_estimator: GAE (λ = 1 targets in value pretraining) or GRPO; whitening
+        adv_r, ret_r = compute_advantages(algo, token_rewards=exp.token_rewards(), values=values_r,
+                                          response_mask=resp_mask, group_ids=torch.tensor(samples.prompt_index),
+                                          value_pretrain=not train_actor, group=self.actor_pgs.dp)
         times["gae"] = time.perf_counter() - t
-        batch.update(loss_mask=exp.loss_mask, is_positive=exp.rewards > 0,
-                     old_values=exp.to_full(values_r), returns=exp.to_full(ret_r))
+        batch.update(loss_mask=exp.loss_mask, is_positive=exp.rewards > 0)
+        if self.critic is not None:
+            batch.update(old_values=exp.to_full(values_r), returns=exp.to_full(ret_r))
         mini = self.sizes.mini_batches_per_step
         results: dict[str, UpdateResult] = {}
         if train_actor:
@@ -330,12 +343,13 @@ class Trainer:
                                           epochs=algo.ppo_epochs, mini_batches=mini, generator=gen,
                                           dp_group=self.actor_pgs.dp)
             times["actor_update"] = time.perf_counter() - t
-        t = time.perf_counter()
-        gen = torch.Generator().manual_seed(self._step_seed(phase, step) + 2)
-        results["critic"] = ppo_update(self.critic, batch, lambda c: critic_loss_fn(algo, c),
-                                       epochs=algo.ppo_epochs, mini_batches=mini, generator=gen,
-                                       dp_group=self.critic_pgs.dp)
-        times["critic_update"] = time.perf_counter() - t
+        if self.critic is not None:
+            t = time.perf_counter()
+            gen = torch.Generator().manual_seed(self._step_seed(phase, step) + 2)
+            results["critic"] = ppo_update(self.critic, batch, lambda c: critic_loss_fn(algo, c),
+                                           epochs=algo.ppo_epochs, mini_batches=mini, generator=gen,
+                                           dp_group=self.critic_pgs.dp)
+            times["critic_update"] = time.perf_counter() - t
         if train_actor:
             times["weight_sync"] = self._sync_rollout()
         else:
@@ -357,11 +371,12 @@ class Trainer:
                         "response_length/truncated_frac": exp.truncated.double().sum() / n,
                         "perf/tokens": torch.tensor(tokens, dtype=torch.float64)})
         acc.add_stats("response_length", lengths[:, None], torch.ones(len(lengths), 1))
-        acc.add_stats("critic/values", values_r, resp_mask)
-        acc.add_stats("critic/returns", ret_r, resp_mask)
-        acc.add_explained_variance("critic/explained_variance", values_r, ret_r, resp_mask)
-        positions.add("values", values_r, resp_mask)
-        positions.add("returns", ret_r, resp_mask)
+        if values_r is not None:                               # a critic (GRPO has none)
+            acc.add_stats("critic/values", values_r, resp_mask)
+            acc.add_stats("critic/returns", ret_r, resp_mask)
+            acc.add_explained_variance("critic/explained_variance", values_r, ret_r, resp_mask)
+            positions.add("values", values_r, resp_mask)
+            positions.add("returns", ret_r, resp_mask)
         if phase == "rl":
             acc.add_stats("actor/advantages", adv_r, resp_mask)
             positions.add("advantages", adv_r, resp_mask)
@@ -493,7 +508,8 @@ class Trainer:
             self.rollout = RolloutEngine(self.model_dir, cfg.rollout, seed=tc.seed,
                                          pad_token_id=self.tokenizer.pad_token_id,
                                          enable_sleep_mode=cfg.rollout.sleep_level > 0)
-            self.colocation = Colocation(self.rollout, [self.actor, self.critic], sleep_level=cfg.rollout.sleep_level,
+            self.colocation = Colocation(self.rollout, [e for e in (self.actor, self.critic) if e is not None],
+                                         sleep_level=cfg.rollout.sleep_level,
                                          offload=tc.offload_during_rollout)
             self._sync_rollout()
             if self.state["phase"] == "value_pretrain":

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from vcppo_megatron.algorithms.advantages import needs_critic
 from vcppo_megatron.config import ConfigError
 from vcppo_megatron.config.schema import Config
 from vcppo_megatron.data.chat_template import encode_prompt
@@ -47,7 +48,8 @@ def check_layout(cfg: Config, world_size: int) -> None:
     if cfg.batch.global_prompts_per_step % replicas:
         raise ConfigError(f"batch.global_prompts_per_step = {cfg.batch.global_prompts_per_step}: expected a "
                           f"multiple of the {replicas} rollout replicas (world size / rollout.tensor_parallel_size)")
-    if cfg.critic.init_from == "reward_model" and cfg.critic.model_path is None:
+    _check_estimator(cfg)
+    if needs_critic(cfg.algo) and cfg.critic.init_from == "reward_model" and cfg.critic.model_path is None:
         raise ConfigError("critic.init_from = 'reward_model' with critic.model_path = null: expected an HF "
                           "sequence-classification checkpoint with one label in critic.model_path")
     if cfg.algo.kl_coef > 0:
@@ -58,6 +60,20 @@ def check_layout(cfg: Config, world_size: int) -> None:
                           f"start needs chain-of-thought solutions, which only the synthetic task has; "
                           f"expected trainer.sft_steps = 0 (start from an SFT checkpoint in actor.model_path)")
     _check_synthetic_fits(cfg)
+
+
+def _check_estimator(cfg: Config) -> None:
+    """GRPO has no critic to pretrain and needs a group of samples per prompt."""
+    if needs_critic(cfg.algo):
+        return
+    tc = cfg.trainer
+    if tc.value_pretrain_steps or tc.value_checkpoint is not None:
+        raise ConfigError(f"algo.advantage_estimator = 'grpo' with trainer.value_pretrain_steps = "
+                          f"{tc.value_pretrain_steps} / trainer.value_checkpoint = {tc.value_checkpoint!r}: GRPO "
+                          f"has no critic; expected value_pretrain_steps = 0 and value_checkpoint = null")
+    if cfg.batch.samples_per_prompt < 2:
+        raise ConfigError(f"algo.advantage_estimator = 'grpo' with batch.samples_per_prompt = "
+                          f"{cfg.batch.samples_per_prompt}: the group baseline needs several samples of a prompt; expected >= 2")
 
 
 def _check_synthetic_fits(cfg: Config) -> None:
