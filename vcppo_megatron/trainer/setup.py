@@ -20,7 +20,7 @@ from vcppo_megatron.config import ConfigError
 from vcppo_megatron.config.schema import Config
 from vcppo_megatron.data.chat_template import encode_prompt
 from vcppo_megatron.data.prompts import load_problems
-from vcppo_megatron.data.synthetic import build_tokenizer, make_problems, prompt_tokens, response_tokens
+from vcppo_megatron.data.synthetic import synthetic_task
 
 INIT_MODEL_DIR = "init_model"
 
@@ -80,22 +80,22 @@ def _check_synthetic_fits(cfg: Config) -> None:
     """The synthetic task's longest prompt and solution must fit the rollout limits."""
     if cfg.data.train_path is not None and cfg.data.eval_path is not None:
         return
-    n, r = cfg.data.synthetic_max_operands, cfg.rollout
-    if prompt_tokens(n) > r.max_prompt_tokens:
+    task, r = synthetic_task(cfg.data), cfg.rollout
+    if task.max_prompt_tokens > r.max_prompt_tokens:
         raise ConfigError(f"rollout.max_prompt_tokens = {r.max_prompt_tokens}: the synthetic task's prompts "
-                          f"(data.synthetic_max_operands = {n}) take up to {prompt_tokens(n)} tokens; "
+                          f"({task.size_field}) take up to {task.max_prompt_tokens} tokens; "
                           f"expected at least that")
-    if response_tokens(n) > r.max_response_tokens:
+    if task.max_response_tokens > r.max_response_tokens:
         raise ConfigError(f"rollout.max_response_tokens = {r.max_response_tokens}: correct responses of the "
-                          f"synthetic task (data.synthetic_max_operands = {n}) take up to "
-                          f"{response_tokens(n)} tokens; expected at least that")
+                          f"synthetic task ({task.size_field}) take up to "
+                          f"{task.max_response_tokens} tokens; expected at least that")
 
 
 def _tiny_model(cfg: Config, out: Path) -> None:
     """Write the random tiny Qwen2-style model and the synthetic task's tokenizer to `out`."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = build_tokenizer()
+    tokenizer = synthetic_task(cfg.data).build_tokenizer()
     t = cfg.tiny_model
     hf_config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
@@ -144,7 +144,7 @@ class PromptSet:
 
 def _synthetic_set(name: str, count: int, seed: int, cfg: Config, tokenizer: Any) -> PromptSet:
     """Synthetic problems, sent as bare text (the character tokenizer knows no template)."""
-    problems = make_problems(count, seed=seed, max_operands=cfg.data.synthetic_max_operands)
+    problems = synthetic_task(cfg.data).make_problems(count, seed)
     return PromptSet(name, [encode_prompt(p.prompt, tokenizer, "none") for p in problems],
                      [p.answer for p in problems], [p.prompt for p in problems])
 
@@ -171,8 +171,7 @@ def load_prompt_sets(cfg: Config, tokenizer: Any) -> tuple[PromptSet, PromptSet]
 
 def sft_examples(cfg: Config, step: int, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
     """The global SFT batch of `step`: (prompt ids, solution ids + end-of-sequence) pairs."""
-    problems = make_problems(cfg.batch.global_sft_batch_size, seed=cfg.trainer.seed * 7919 + step,
-                             max_operands=cfg.data.synthetic_max_operands)
+    problems = synthetic_task(cfg.data).make_problems(cfg.batch.global_sft_batch_size, cfg.trainer.seed * 7919 + step)
     return [(tokenizer(p.prompt, add_special_tokens=False)["input_ids"],
              tokenizer(p.solution(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
             for p in problems]
