@@ -96,10 +96,76 @@ def test_chain_sums_problems_solutions_and_token_bounds():
     assert sorted(counts) == list(range(chain_sums.MIN_TERMS, chain_sums.MAX_TERMS + 1))
     assert min(lengths) >= 100, "a correct response is at least 100 tokens (0.95^100 ≈ 0.006)"
     assert max(lengths) <= task.max_response_tokens and longest_prompt == task.max_prompt_tokens
-    assert max(lengths) > task.max_response_tokens - 12                          # the bound is close
+    nines = chain_sums.ChainProblem((9,) * chain_sums.MAX_TERMS).solution()         # the bound is tight
+    assert len(tokenizer(nines, add_special_tokens=False)["input_ids"]) + 1 == task.max_response_tokens
+
+
+def test_chain_sums_demonstrations_slip_mid_chain_at_the_set_rates():
+    """The SFT data: the same problems, each step slipping (a carry dropped or added: the new total
+    off by 10 the wrong way; or the term skipped) at SLIP_RATES; the chain then continues correctly
+    from the wrong total and boxes it; a demonstration without slips is the solution."""
+    from vcppo_megatron.data import chain_sums
+
+    demos = chain_sums.make_demonstrations(3000, seed=8)
+    assert [d.terms for d in demos] == [q.terms for q in chain_sums.make_problems(3000, seed=8)]
+    steps = slipped = lucky = 0
+    counts = Counter()
+    for d in demos:
+        text = d.demonstration()
+        if not d.slips:
+            assert text == d.solution()
+            continue
+        slips = dict(d.slips)
+        chain = text[len("<think>"):text.index("</think>")].split(",")
+        total, k = d.terms[0], 0
+        for i in range(1, len(d.terms)):
+            if slips.get(i) == "skip":
+                assert all(f"+{chain_sums.LETTERS[i]}" not in step for step in chain)
+                continue
+            before, rest = chain[k].split("+")
+            tagged, new = rest.split("=")
+            assert (int(before), tagged) == (total, f"{chain_sums.LETTERS[i]}{d.terms[i]}")
+            want = total + d.terms[i]
+            if slips.get(i) == "carry":
+                want += -10 if total % 10 + d.terms[i] >= 10 else 10
+            assert int(new) == want, (text, i)
+            total, k = want, k + 1
+        assert k == len(chain) and text.endswith(f"\\boxed{{{total}}}")
+        lucky += str(total) == d.answer               # a skipped 0, or slips that cancel
+        slipped += 1
+    assert 0.4 < slipped / len(demos) < 0.65 and lucky / slipped < 0.15, (slipped, lucky)
+    for d in demos:
+        steps += len(d.terms) - 1
+        counts.update(kind for _, kind in d.slips)
+    for kind, rate in chain_sums.SLIP_RATES.items():
+        assert abs(counts[kind] / steps - rate) < 0.2 * rate, (kind, counts[kind] / steps)
 
 
 def test_chain_sums_rollout_limits_are_checked():
     check_layout(load_config(ROOT_EXAMPLES / "tiny_cot_cpu.yaml"), world_size=2)     # the recipe fits
     with pytest.raises(ConfigError, match="data.task = 'chain_sums'"):
         check_layout(load_config(RECIPE, ["data.task=chain_sums"]), world_size=2)
+
+
+def test_chain_task_report_classifies_where_a_chain_goes_wrong():
+    """tools/chain_task_report.py: the first wrong step of a response and its kind."""
+    import importlib.util
+
+    from vcppo_megatron.data.chain_sums import ChainProblem
+
+    spec = importlib.util.spec_from_file_location("chain_task_report", ROOT_EXAMPLES.parent / "tools" / "chain_task_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    q = ChainProblem((7, 3, 9, 2))                  # 7+b3=10,10+c9=19,19+d2=21
+    assert q.steps() == ["7+b3=10", "10+c9=19", "19+d2=21"]
+    assert report.classify(q.solution(), q) is None
+    cases = {"<think>7+b3=10,10+c9=18,18+d2=20</think>\\boxed{20}": (1, "total miscalculated"),
+             "<think>7+b3=10,10+c8=18,18+d2=20</think>\\boxed{20}": (1, "term copied wrong"),
+             "<think>7+b3=10,10+d2=12</think>\\boxed{12}": (1, "term skipped or repeated"),
+             "<think>7+b3=10,11+c9=20,20+d2=22</think>\\boxed{22}": (1, "running total copied wrong"),
+             "<think>7+b3=10</think>\\boxed{10}": (1, "chain stopped early"),
+             "</think>\\boxed{21}": (0, "chain stopped early"),
+             "<think>7+b3=10,10c9=19,19+d2=21</think>\\boxed{21}": (1, "malformed step"),
+             "<think>7+b3=10,10+c9=19,19+d2=21,21+e0=21</think>\\boxed{21}": (3, "chain ran long")}
+    for text, want in cases.items():
+        assert report.classify(text, q) == want, text

@@ -34,6 +34,10 @@ class Problem:
         """A correct chain-of-thought response (without the end-of-sequence token)."""
         return f"<think>{self.prompt[:-1]}</think>\\boxed{{{self.answer}}}"
 
+    def demonstration(self) -> str:
+        """The cold-start (SFT) response: the solution."""
+        return self.solution()
+
 
 def prompt_tokens(max_operands: int) -> int:
     """Tokens of the longest prompt (`a+b+...=`)."""
@@ -79,6 +83,9 @@ class TaskProblem(Protocol):
     def solution(self) -> str:
         """A correct chain-of-thought response (without the end-of-sequence token)."""
 
+    def demonstration(self) -> str:
+        """The response the SFT cold start imitates (the solution, or one with slips)."""
+
 
 @dataclass(frozen=True)
 class SyntheticTask:
@@ -92,12 +99,18 @@ class SyntheticTask:
     """Tokens of the longest correct response, end-of-sequence token included."""
     make: Callable[[int, int], list[Any]]
     """(count, seed) -> problems."""
+    make_demos: Callable[[int, int], list[Any]]
+    """(count, seed) -> the SFT cold start's problems (their `demonstration()` is imitated)."""
     size_field: str
     """The config field that sets the task's size (named in errors)."""
 
     def make_problems(self, count: int, seed: int) -> list[TaskProblem]:
         """`count` problems, reproducible from `seed`."""
         return self.make(count, seed)
+
+    def make_demonstrations(self, count: int, seed: int) -> list[TaskProblem]:
+        """`count` cold-start examples, reproducible from `seed`."""
+        return self.make_demos(count, seed)
 
     def build_tokenizer(self) -> PreTrainedTokenizerFast:
         """The task's character-level HF tokenizer."""
@@ -108,12 +121,13 @@ def synthetic_task(data: Any) -> SyntheticTask:
     """The task `data.task` of a DataConfig (`sums` sized by `data.synthetic_max_operands`)."""
     if data.task == "sums":
         n = data.synthetic_max_operands
-        return SyntheticTask("sums", CHARACTERS, prompt_tokens(n), response_tokens(n),
-                             lambda count, seed: make_problems(count, seed, max_operands=n),
+        make = lambda count, seed: make_problems(count, seed, max_operands=n)  # noqa: E731
+        return SyntheticTask("sums", CHARACTERS, prompt_tokens(n), response_tokens(n), make, make,
                              f"data.synthetic_max_operands = {n}")
     if data.task == "chain_sums":
         from vcppo_megatron.data import chain_sums
 
         return SyntheticTask("chain_sums", chain_sums.CHARACTERS, chain_sums.prompt_tokens(),
-                             chain_sums.response_tokens(), chain_sums.make_problems, "data.task = 'chain_sums'")
+                             chain_sums.response_tokens(), chain_sums.make_problems,
+                             chain_sums.make_demonstrations, "data.task = 'chain_sums'")
     raise ValueError(f"data.task = {data.task!r}: expected 'sums' or 'chain_sums'")

@@ -171,7 +171,8 @@ def load_prompt_sets(cfg: Config, tokenizer: Any) -> tuple[PromptSet, PromptSet]
 
 def sft_examples(cfg: Config, step: int, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
     """The global SFT batch of `step`: (prompt ids, solution ids + end-of-sequence) pairs."""
-    problems = synthetic_task(cfg.data).make_problems(cfg.batch.global_sft_batch_size, cfg.trainer.seed * 7919 + step)
+    problems = synthetic_task(cfg.data).make_demonstrations(cfg.batch.global_sft_batch_size,
+                                                           cfg.trainer.seed * 7919 + step)
     return [(tokenizer(p.prompt, add_special_tokens=False)["input_ids"],
-             tokenizer(p.solution(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+             tokenizer(p.demonstration(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
             for p in problems]
