@@ -34,7 +34,8 @@ setup(
         "safetensors",
         "tensorboard",
         "pyarrow",  # parquet prompt files
-        "pillow",  # TensorBoard images (position-bias view)
+        "pillow",  # TensorBoard image encoding
+        "matplotlib==3.10.8",  # figures: the position-bias image (logging/plot.py), study reports
         "math-verify[antlr4-13-2]",
     ],
     extras_require={

@@ -112,11 +112,11 @@ RESUME = ("trainer.sft_steps=20", "trainer.value_pretrain_steps=3", "trainer.num
 FIRST_RL_CHECKPOINT = "step_00000005"          # 3 value-pretraining steps + 2 RL steps
 
 
-def _kill_at_checkpoint(out: Path, overrides: tuple, name: str) -> None:
-    """Start a run and SIGKILL it (no chance to save) as soon as checkpoint `name` is complete."""
+def _kill_at_checkpoint(out: Path, overrides: tuple, name: str, role: str = "critic") -> None:
+    """Start a run and SIGKILL it (no chance to save) as soon as `role`'s checkpoint `name` is complete."""
     victim = subprocess.Popen(_command(out, *overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env=_env(), cwd=ROOT)
-    latest = out / "checkpoints" / "critic" / "latest"
+    latest = out / "checkpoints" / role / "latest"
     deadline = time.monotonic() + 600
     while victim.poll() is None and time.monotonic() < deadline:
         if latest.is_file() and latest.read_text().strip() == name:
@@ -221,3 +221,26 @@ def test_value_pretraining_stops_when_explained_variance_plateaus(tmp_path):
     assert sorted(tb["value_pretrain/critic/value_loss"]) == list(range(int(stopped.group(1))))
     assert sorted(tb["rl/reward/mean"]) == [0] and "[rl 1/1]" in proc.stdout
     assert (tmp_path / "checkpoints" / "actor" / "latest").read_text().strip() == "step_00000007"
+
+
+
+def test_grpo_run_has_no_critic_and_resumes_from_the_actor_checkpoint(tmp_path):
+    """algo.advantage_estimator=grpo: no critic is built, trained, logged or checkpointed; the actor
+    checkpoint carries the training state, so a run killed after its first RL checkpoint resumes
+    from it; the run's settings reach TensorBoard's HParams view."""
+    grpo = ("algo.advantage_estimator=grpo", "trainer.sft_steps=20", "trainer.value_pretrain_steps=0",
+            "trainer.num_steps=4", "trainer.checkpoint_interval=2", "trainer.eval_samples=2",
+            "trainer.eval_problems=16")
+    _kill_at_checkpoint(tmp_path, grpo, "step_00000002", role="actor")
+    assert not (tmp_path / "checkpoints" / "critic").exists()
+    resumed = _run(tmp_path, *grpo)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    assert "actor: sequence parallel off, activation recompute none\n" in resumed.stdout   # no critic
+    assert re.search(r"resumed from .*actor.*: phase rl, 2 steps done", resumed.stdout), resumed.stdout[-2000:]
+    assert "[rl 4/4]" in resumed.stdout and not (tmp_path / "checkpoints" / "critic").exists()
+    tb = _scalars(tmp_path / "tensorboard")
+    assert sorted(tb["rl/actor/pg_loss"]) == [0, 1, 2, 3] and "rl/position/advantages/bucket_00" in tb
+    assert not [t for t in tb if "critic" in t or "position/values" in t], sorted(tb)
+    ev = EventAccumulator(str(tmp_path / "tensorboard"))
+    ev.Reload()
+    assert "_hparams_/session_start_info" in ev.PluginTagToContent("hparams")

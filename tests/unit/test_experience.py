@@ -8,6 +8,7 @@ positions with explicit Python loops and run the losses on response-aligned [N, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Iterator
 
@@ -173,9 +174,20 @@ def test_values_of_tokens_shifts_right_by_one():
 # ---- 4. loss closures on the [N, S] layout vs losses on loop-built [N, R] tensors ------------
 
 def _algo(mode: str) -> AlgoConfig:
-    """Every feature of the closures on: clip-higher, dual clip, NLL, entropy bonus, value clip."""
+    """Every feature of the closures on: clip-higher, dual clip, NLL, entropy bonus, value clip.
+    `mode` aggregates the role under test: the actor's loss_agg_mode and the critic's
+    critic_loss_agg_mode (the other role gets the other mode, so neither can read the wrong one)."""
+    other = {"token-mean": "seq-mean-token-mean", "seq-mean-token-mean": "token-mean"}[mode]
     return AlgoConfig(eps_low=0.2, eps_high=0.28, dual_clip=3.0, loss_agg_mode=mode, value_clip=0.2,
-                      nll_coef=0.1, entropy_coef=0.01)
+                      nll_coef=0.1, entropy_coef=0.01, critic_loss_agg_mode=other)
+
+
+def _role_algo(role: str, mode: str) -> AlgoConfig:
+    """`_algo` with `mode` on the role under test and the other mode on the other role."""
+    algo = _algo(mode)
+    if role == "critic":
+        algo = dataclasses.replace(algo, loss_agg_mode=algo.critic_loss_agg_mode, critic_loss_agg_mode=mode)
+    return algo
 
 
 def _problem(seed: int = 4):
@@ -220,8 +232,8 @@ def _reference(role: str, algo: AlgoConfig, engine_out, raw, rows: list[int]):
         grad = {"log_probs": _loop_to_full(g_lp, lens), "entropy": _loop_to_full(g_ent, lens)}
     else:
         v = _loop_values(sub(engine_out["values"]), lens).requires_grad_(True)
-        loss, m = critic_loss(v, sub_r(raw["old_v_r"]), sub_r(raw["ret_r"]),
-                              mask, counts, value_clip=algo.value_clip, loss_agg_mode=algo.loss_agg_mode)
+        loss, m = critic_loss(v, sub_r(raw["old_v_r"]), sub_r(raw["ret_r"]), mask, counts,
+                              value_clip=algo.value_clip, loss_agg_mode=algo.critic_loss_agg_mode)
         (g_resp,) = torch.autograd.grad(loss, v)
         g_head = torch.zeros(len(lens), max(p + r for p, r in lens), dtype=F64)
         for i, (p, r) in enumerate(lens):                      # d/d head[i, p_i + j - 1]
@@ -255,7 +267,7 @@ def _run_closure(fn, engine_out, batch, micro_tokens: int | None):
 @pytest.mark.parametrize("micro_tokens", [None, 20])
 def test_loss_closures_match_response_aligned_losses(role, mode, micro_tokens):
     exp, engine_out, batch, raw = _problem()
-    algo = _algo(mode)
+    algo = _role_algo(role, mode)
     n = len(LENS)
     ref_loss, ref_m, ref_grad = _reference(role, algo, engine_out, raw, list(range(n)))
     # the closures see the counts of the whole (mini-)batch, taken on the [N, S] loss mask
@@ -303,6 +315,30 @@ def test_loss_closures_ignore_prompt_and_padding_outputs():
         assert abs(float(clean_loss) - float(noisy_loss)) < 1e-6, role
         for k in clean_m:
             assert abs(float(clean_m[k]) - float(noisy_m[k])) < 1e-6, (role, k)
+
+
+def test_critic_loss_is_a_token_mean_by_default_whatever_the_actor_aggregates():
+    """VC-PPO Alg. 1 regresses every state alike: with the default critic_loss_agg_mode and a
+    sample-level actor loss, the critic's loss and gradient are Σ 0.5 (V(s_t) - R_t)² / (all
+    response tokens), from a float64 loop over rows and tokens."""
+    exp, engine_out, batch, raw = _problem()
+    algo = AlgoConfig(loss_agg_mode="seq-mean-token-mean")
+    assert algo.critic_loss_agg_mode == "token-mean"
+    counts = global_counts(batch["loss_mask"], batch["is_positive"])
+    loss, metrics, grads = _run_closure(critic_loss_fn(algo, counts), engine_out, batch, 20)
+    head = engine_out["values"].double()
+    total_tokens = sum(r for _, r in LENS)
+    want, want_grad = 0.0, torch.zeros_like(head)
+    for i, (p, r) in enumerate(LENS):
+        for j in range(r):                      # V(s_t) of response token j: head output at p + j - 1
+            err = float(head[i, p + j - 1]) - float(raw["ret_r"][i, j])
+            want += 0.5 * err * err / total_tokens
+            want_grad[i, p + j - 1] = err / total_tokens
+    assert abs(float(loss) - want) < 1e-6 and abs(float(metrics["critic/value_loss"]) - want) < 1e-6
+    torch.testing.assert_close(grads["values"].double(), want_grad, atol=1e-7, rtol=1e-5)
+    seq = _run_closure(critic_loss_fn(dataclasses.replace(algo, critic_loss_agg_mode="seq-mean-token-mean"),
+                                      counts), engine_out, batch, 20)[0]
+    assert abs(float(seq) - want) > 1e-3        # the modes differ on this batch: the check has teeth
 
 
 # ---- 5. ppo_update with a fake engine ------------------------------------------------------
@@ -412,7 +448,7 @@ def test_ppo_update_steps_match_mini_batch_references(role):
     """Each optimizer step's summed micro-batch metrics and gradient equal the loss of its whole
     mini-batch (counts over the mini-batch), computed on loop-built [N, R] tensors."""
     exp, engine_out, batch, raw = _problem()
-    algo = _algo("seq-mean-token-mean" if role == "actor" else "token-mean")
+    algo = _role_algo(role, "seq-mean-token-mean" if role == "actor" else "token-mean")
     make = (lambda c: actor_loss_fn(algo, c)) if role == "actor" else (lambda c: critic_loss_fn(algo, c))
     engine = FakeEngine(engine_out, micro_tokens=10)
     res = ppo_update(engine, batch, make, epochs=2, mini_batches=3,

@@ -9,8 +9,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vcppo_megatron.algorithms.position_stats import PositionStats
+from vcppo_megatron.config.schema import Config
 from vcppo_megatron.logging import MetricWriter, ProgressLine, UndocumentedMetricError, check_tag
 from vcppo_megatron.logging.metric_names import documented_names
+from vcppo_megatron.logging.tensorboard import HPARAM_METRICS, flatten_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,3 +90,46 @@ def test_disabled_writer_checks_names_and_writes_nothing(tmp_path):
         writer.position_view("rl", acc.reduce(), 2, step=0)
     writer.close()
     assert not (tmp_path / "tb").exists()
+
+
+def test_run_settings_reach_the_hparams_view_and_position_charts_the_custom_scalars(tmp_path):
+    """Read back with TensorBoard's own event reader and plugin protos: the run's flattened config
+    in the HParams session, its metric columns, and one multi-line chart per position quantity
+    whose regex matches the bucket tags the writer logs."""
+    import re
+
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    cfg = Config()
+    writer = MetricWriter(tmp_path)
+    with pytest.raises(UndocumentedMetricError):
+        writer.run_settings(cfg, ["eval/made/up/too/deep"])
+    writer.run_settings(cfg, ["eval/synthetic_eval/avg@4"])
+    acc = PositionStats(bucket_size=2, num_buckets=3)
+    for name in ("advantages", "values", "returns"):
+        acc.add(name, torch.randn(2, 6), torch.ones(2, 6))
+    writer.position_view("rl", acc.reduce(), 2, step=0)
+    writer.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == [*HPARAM_METRICS, "eval/synthetic_eval/avg@4"]
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    logged = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in session.hparams.items()}
+    flat = flatten_settings(cfg)
+    assert len(flat) > 80 and set(logged) == set(flat)
+    assert logged["algo.lam_actor"] == pytest.approx(cfg.algo.lam_actor)
+    assert logged["algo.advantage_estimator"] == "gae" and logged["actor.model_path"] == "null"
+    assert logged["algo.whiten_advantages"] == "false" and logged["trainer.seed"] == cfg.trainer.seed
+    for tag in HPARAM_METRICS:
+        check_tag(tag)
+    layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert len(charts) == 5 and "value_pretrain: advantages by response position" not in charts
+    scalar_tags = events.Tags()["scalars"]
+    for quantity in ("advantages", "values", "returns"):
+        (regex,) = charts[f"rl: {quantity} by response position"]
+        matched = sorted(t for t in scalar_tags if re.search(regex, t))
+        assert matched == [f"rl/position/{quantity}/bucket_0{b}" for b in range(3)], (regex, matched)

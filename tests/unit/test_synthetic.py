@@ -1,5 +1,5 @@
-"""The built-in synthetic task: sums of 1..N digits, their token bounds, and the trainer's check
-that the rollout limits fit them."""
+"""The built-in synthetic tasks: sums of 1..N digits and the long chain_sums task, their token
+bounds, and the trainer's check that the rollout limits fit them."""
 from __future__ import annotations
 
 from collections import Counter
@@ -11,7 +11,8 @@ from vcppo_megatron.config import ConfigError, load_config
 from vcppo_megatron.data.synthetic import build_tokenizer, make_problems, prompt_tokens, response_tokens
 from vcppo_megatron.trainer.setup import check_layout
 
-RECIPE = Path(__file__).resolve().parents[2] / "examples" / "tiny_cpu.yaml"
+ROOT_EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+RECIPE = ROOT_EXAMPLES / "tiny_cpu.yaml"
 
 
 @pytest.mark.parametrize("max_operands", [1, 2, 4, 7])
@@ -57,3 +58,114 @@ def test_trainer_rejects_rollout_limits_too_small_for_the_synthetic_task(overrid
     check_layout(load_config(RECIPE), world_size=2)                             # the demo fits
     with pytest.raises(ConfigError, match=field):
         check_layout(load_config(RECIPE, overrides), world_size=2)
+
+
+# ---- chain_sums: the long chain-of-thought task ------------------------------------------------
+
+def test_chain_sums_problems_solutions_and_token_bounds():
+    from vcppo_megatron.data import chain_sums
+    from vcppo_megatron.data.synthetic import synthetic_task
+
+    task = synthetic_task(load_config(RECIPE, ["data.task=chain_sums"]).data)
+    problems = task.make_problems(3000, seed=5)
+    assert problems == task.make_problems(3000, seed=5) and problems != task.make_problems(3000, seed=6)
+    tokenizer = task.build_tokenizer()
+    counts, lengths, longest_prompt = Counter(), [], 0
+    for p in problems:
+        letters = p.prompt[:-1][0::2]
+        digits = p.prompt[:-1][1::2]
+        assert p.prompt.endswith("=") and letters == chain_sums.LETTERS[:len(letters)]
+        terms = [int(d) for d in digits]
+        assert p.answer == str(sum(terms))
+        # the chain, parsed back: each step adds the next tagged term to the running total
+        body = p.solution()
+        assert body.startswith("<think>") and body.endswith(f"</think>\\boxed{{{p.answer}}}")
+        total = terms[0]
+        steps = body[len("<think>"):body.index("</think>")].split(",")
+        assert len(steps) == len(terms) - 1
+        for i, step in enumerate(steps, start=1):
+            left, new = step.split("=")
+            before, tagged = left.split("+")
+            assert (int(before), tagged, int(new)) == (total, f"{letters[i]}{terms[i]}", total + terms[i])
+            total += terms[i]
+        ids = tokenizer(p.solution(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert tokenizer.decode(ids[:-1]) == p.solution() and tokenizer.unk_token_id not in ids[:-1]
+        lengths.append(len(ids))
+        counts[len(terms)] += 1
+        longest_prompt = max(longest_prompt, len(tokenizer(p.prompt, add_special_tokens=False)["input_ids"]))
+    assert sorted(counts) == list(range(chain_sums.MIN_TERMS, chain_sums.MAX_TERMS + 1))
+    assert min(lengths) >= 100, "a correct response is at least 100 tokens (0.95^100 ≈ 0.006)"
+    assert max(lengths) <= task.max_response_tokens and longest_prompt == task.max_prompt_tokens
+    nines = chain_sums.ChainProblem((9,) * chain_sums.MAX_TERMS).solution()         # the bound is tight
+    assert len(tokenizer(nines, add_special_tokens=False)["input_ids"]) + 1 == task.max_response_tokens
+
+
+def test_chain_sums_demonstrations_slip_mid_chain_at_the_set_rates():
+    """The SFT data: the same problems, each step slipping (a carry dropped or added: the new total
+    off by 10 the wrong way; or the term skipped) at SLIP_RATES; the chain then continues correctly
+    from the wrong total and boxes it; a demonstration without slips is the solution."""
+    from vcppo_megatron.data import chain_sums
+
+    demos = chain_sums.make_demonstrations(3000, seed=8)
+    assert [d.terms for d in demos] == [q.terms for q in chain_sums.make_problems(3000, seed=8)]
+    steps = slipped = lucky = 0
+    counts = Counter()
+    for d in demos:
+        text = d.demonstration()
+        if not d.slips:
+            assert text == d.solution()
+            continue
+        slips = dict(d.slips)
+        chain = text[len("<think>"):text.index("</think>")].split(",")
+        total, k = d.terms[0], 0
+        for i in range(1, len(d.terms)):
+            if slips.get(i) == "skip":
+                assert all(f"+{chain_sums.LETTERS[i]}" not in step for step in chain)
+                continue
+            before, rest = chain[k].split("+")
+            tagged, new = rest.split("=")
+            assert (int(before), tagged) == (total, f"{chain_sums.LETTERS[i]}{d.terms[i]}")
+            want = total + d.terms[i]
+            if slips.get(i) == "carry":
+                want += -10 if total % 10 + d.terms[i] >= 10 else 10
+            assert int(new) == want, (text, i)
+            total, k = want, k + 1
+        assert k == len(chain) and text.endswith(f"\\boxed{{{total}}}")
+        lucky += str(total) == d.answer               # a skipped 0, or slips that cancel
+        slipped += 1
+    assert 0.4 < slipped / len(demos) < 0.65 and lucky / slipped < 0.15, (slipped, lucky)
+    for d in demos:
+        steps += len(d.terms) - 1
+        counts.update(kind for _, kind in d.slips)
+    for kind, rate in chain_sums.SLIP_RATES.items():
+        assert abs(counts[kind] / steps - rate) < 0.2 * rate, (kind, counts[kind] / steps)
+
+
+def test_chain_sums_rollout_limits_are_checked():
+    check_layout(load_config(ROOT_EXAMPLES / "tiny_cot_cpu.yaml"), world_size=2)     # the recipe fits
+    with pytest.raises(ConfigError, match="data.task = 'chain_sums'"):
+        check_layout(load_config(RECIPE, ["data.task=chain_sums"]), world_size=2)
+
+
+def test_chain_task_report_classifies_where_a_chain_goes_wrong():
+    """tools/chain_task_report.py: the first wrong step of a response and its kind."""
+    import importlib.util
+
+    from vcppo_megatron.data.chain_sums import ChainProblem
+
+    spec = importlib.util.spec_from_file_location("chain_task_report", ROOT_EXAMPLES.parent / "tools" / "chain_task_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    q = ChainProblem((7, 3, 9, 2))                  # 7+b3=10,10+c9=19,19+d2=21
+    assert q.steps() == ["7+b3=10", "10+c9=19", "19+d2=21"]
+    assert report.classify(q.solution(), q) is None
+    cases = {"<think>7+b3=10,10+c9=18,18+d2=20</think>\\boxed{20}": (1, "total miscalculated"),
+             "<think>7+b3=10,10+c8=18,18+d2=20</think>\\boxed{20}": (1, "term copied wrong"),
+             "<think>7+b3=10,10+d2=12</think>\\boxed{12}": (1, "term skipped or repeated"),
+             "<think>7+b3=10,11+c9=20,20+d2=22</think>\\boxed{22}": (1, "running total copied wrong"),
+             "<think>7+b3=10</think>\\boxed{10}": (1, "chain stopped early"),
+             "</think>\\boxed{21}": (0, "chain stopped early"),
+             "<think>7+b3=10,10c9=19,19+d2=21</think>\\boxed{21}": (1, "malformed step"),
+             "<think>7+b3=10,10+c9=19,19+d2=21,21+e0=21</think>\\boxed{21}": (3, "chain ran long")}
+    for text, want in cases.items():
+        assert report.classify(text, q) == want, text

@@ -4,7 +4,7 @@ Response positions are grouped into `num_buckets` buckets of `bucket_size` token
 positions [b·size, (b+1)·size), the last bucket also every later position. Per quantity and bucket
 the accumulator keeps the sufficient statistics (Σx, Σx², count) of valid tokens in float64, so a
 reduce over a process group gives the statistics of the global batch exactly (no mean of means).
-With a biased value model the mean advantage falls with position (VC-PPO §3.1, Fig. 2).
+With a biased value model the mean advantage falls with position (VC-PPO §3.2, Fig. 2).
 """
 from __future__ import annotations
 

@@ -83,13 +83,19 @@ def _delete(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def prune_paired(critic_root: str | os.PathLike, actor_root: str | os.PathLike, keep_last: Optional[int],
+def prune_paired(critic_root: str | os.PathLike | None, actor_root: str | os.PathLike, keep_last: Optional[int],
                  protect: Collection[int] = ()) -> list[Path]:
     """Delete the critic and actor checkpoints retention does not keep; returns what was deleted.
 
     Not collective: rank 0 calls it after a save. Actor checkpoints named by a kept critic
     checkpoint are kept; if a kept critic's training state cannot be read, no actor is deleted.
+    `critic_root` None: a run without a critic (GRPO), the actor's checkpoints alone.
     """
+    if critic_root is None:
+        _, delete = retention(actor_root, keep_last, protect)
+        for path in delete:
+            _delete(path)
+        return delete
     kept_critic, delete = retention(critic_root, keep_last, protect)
     paired: set[int] = set()
     try:
@@ -149,51 +155,68 @@ def _check_pair(critic_dir: Path, actor_root: Path) -> tuple[Optional[Path], Opt
     return actor_dir, None
 
 
-def resume_paired(critic_root: str | os.PathLike, actor_root: str | os.PathLike,
+def _check_actor(actor_dir: Path) -> tuple[Path, Optional[tuple[str, str]]]:
+    """An actor checkpoint of a run without a critic, and its first file problem (no loading)."""
+    try:
+        verify_checkpoint_files(actor_dir)
+    except CheckpointReadError as e:
+        return actor_dir, (str(actor_dir), str(e))
+    return actor_dir, None
+
+
+def resume_paired(critic_root: str | os.PathLike | None, actor_root: str | os.PathLike,
                   load_critic: Callable[[Path], dict[str, Any]], load_actor: Callable[[Path], Any],
-                  log: Callable[[str], None]) -> Optional[tuple[dict[str, Any], Path, Path]]:
+                  log: Callable[[str], None]) -> Optional[tuple[dict[str, Any], Optional[Path], Path]]:
     """Load the newest critic checkpoint that loads and the actor checkpoint it names (collective).
 
     `load_critic(dir)` returns the training state; both raise CheckpointReadError for unreadable
     files (other errors, e.g. a checkpoint of another model, propagate). Unreadable checkpoints are
     reported through `log` (called on rank 0 only) and set aside. Returns (training state, critic dir, actor dir),
     or None when there is no checkpoint; raises CheckpointReadError when none loads.
+    `critic_root` None: a run without a critic (GRPO): the actor's checkpoints hold the training
+    state, `load_actor` returns it and the critic dir returned is None.
     """
-    critic_root, actor_root = Path(critic_root), Path(actor_root)
+    actor_root = Path(actor_root)
+    anchor_root = actor_root if critic_root is None else Path(critic_root)   # holds the training state
+    check = _check_actor if critic_root is None else (lambda d: _check_pair(d, actor_root))
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    box: list[Any] = [list_checkpoints(critic_root)[::-1] if rank0 else None]
+    box: list[Any] = [list_checkpoints(anchor_root)[::-1] if rank0 else None]
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)               # every rank tries the same candidates
     candidates, problems = box[0], []
-    for _, critic_dir in candidates:
-        box = [_check_pair(critic_dir, actor_root) if rank0 else None]
+    for _, anchor_dir in candidates:
+        box = [check(anchor_dir) if rank0 else None]
         if dist.is_initialized():
             dist.broadcast_object_list(box, src=0)
         actor_dir, failure = box[0]
         failures = [failure] if failure else []
         state: list[Any] = []
         if not failures:
-            failures = _agree(_attempt(load_critic, critic_dir, state))
-        if not failures:
+            failures = _agree(_attempt(load_actor if critic_root is None else load_critic, anchor_dir, state))
+        if not failures and critic_root is not None:
             failures = _agree(_attempt(load_actor, actor_dir, []))
         if not failures:
+            pair = anchor_dir if critic_root is None else f"{anchor_dir} (actor {actor_dir.name})"
             if problems and rank0:
-                log(f"== resuming from {critic_dir} (actor {actor_dir.name}), the newest checkpoint that loads; "
+                log(f"== resuming from {pair}, the newest checkpoint that loads; "
                     f"the newer ones could not be read: " + "; ".join(problems))
             if rank0:                          # `latest` pointed at what was set aside
-                write_latest(critic_root, critic_dir.name)
-                write_latest(actor_root, actor_dir.name)
-            return state[0], critic_dir, actor_dir
+                write_latest(anchor_root, anchor_dir.name)
+                if critic_root is not None:
+                    write_latest(actor_root, actor_dir.name)
+            return state[0], (None if critic_root is None else anchor_dir), actor_dir
         for bad_dir, message in failures:
             kept = ""
             if rank0 and bad_dir and Path(bad_dir).is_dir():
                 kept = f" (kept for inspection as {set_aside(Path(bad_dir))})"
             problems.append(message + kept)
             if rank0:
-                log(f"== cannot resume from {critic_dir}: {message}{kept}; trying an older checkpoint")
+                log(f"== cannot resume from {anchor_dir}: {message}{kept}; trying an older checkpoint")
         if dist.is_initialized():
             dist.barrier()
     if not candidates:
         return None
-    raise CheckpointReadError(f"no checkpoint under {critic_root} loads with its actor checkpoint: "
+    raise CheckpointReadError(f"no checkpoint under {anchor_root} loads"
+                              + ("" if critic_root is None else " with its actor checkpoint") + ": "
                               + "; ".join(problems))
+

@@ -121,8 +121,10 @@ class AlgoConfig:
 
     gamma: float = param(1.0, ge=0, le=1)
     """Discount factor γ (1.0 in RLHF, VC-PPO §2.3)."""
+    advantage_estimator: Literal["gae", "grpo"] = "gae"
+    """`gae`: decoupled GAE with a critic (VC-PPO §3.3; the λ settings below); `grpo`: each response's outcome reward normalised within its prompt's group, (r − mean) / (std + 1e-6) on every token (DeepSeekMath GRPO; VC-PPO Table 2's comparison): no critic is built or trained and value pretraining is off (needs `batch.samples_per_prompt` >= 2)."""
     lam_actor: float = param(0.95, ge=0, le=1)
-    """GAE λ for the policy's advantages (VC-PPO §3.3: [0.95, 1))."""
+    """GAE λ for the policy's advantages (VC-PPO §4.2 and Table 4 recommend [0.95, 1))."""
     lam_critic: float = param(1.0, ge=0, le=1)
     """GAE λ for the critic's value targets (VC-PPO §3.3: 1.0, Monte-Carlo returns)."""
     length_adaptive_alpha: float | None = param(None, gt=0)
@@ -134,7 +136,9 @@ class AlgoConfig:
     dual_clip: float | None = param(None, gt=1)
     """Dual-clip bound c > 1 on the loss of negative-advantage tokens; null disables it."""
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
-    """`token-mean`: VAPO eq. 7; `seq-mean-token-mean`: VAPO eq. 6 (baseline PPO)."""
+    """Aggregation of the actor's policy loss: `token-mean`: VAPO eq. 7; `seq-mean-token-mean`: VAPO eq. 6 (baseline PPO). The critic's is `critic_loss_agg_mode`."""
+    critic_loss_agg_mode: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    """Aggregation of the critic's squared error, independent of the actor's `loss_agg_mode`: `token-mean` regresses every state alike (VC-PPO Alg. 1, line 12; verl's value loss); `seq-mean-token-mean` averages within each response first, weighting the states of short responses more."""
     value_clip: float | None = param(None, gt=0)
     """Clip the new value to old ± this before the squared error; null disables it."""
     nll_coef: float = param(0.0, ge=0)
@@ -148,23 +152,23 @@ class AlgoConfig:
     ppo_epochs: int = param(1, ge=1)
     """Passes over each rollout batch."""
     whiten_advantages: bool = False
-    """Normalise advantages to zero mean and unit variance over the global batch."""
+    """Normalise advantages to zero mean and unit variance over the global batch (every data-parallel rank's responses), after the estimator; verl's GAE, which the papers ran, always does (examples/vcppo.yaml, vapo.yaml turn it on)."""
 
 
 @dataclass(frozen=True)
 class BatchConfig:
-    """Batch sizes, named by scope: `global_` (all ranks), `per_dp_rank_`, `micro_` (one forward)."""
+    """Batch sizes, named by scope: `global_` (all ranks), `per_dp_rank_`, `micro_` (one forward). Units: `global_prompts_per_step` counts PROMPTS; every other size counts RESPONSES (sequences), whatever `samples_per_prompt` is. verl, which the papers ran, counts its mini-batch in prompts (×n responses): VAPO's "mini-batch 512" of 512 prompts × 16 samples is 8192 responses here, one optimizer step per RL step."""
 
     global_prompts_per_step: int = param(512, ge=1)
-    """Prompts sampled per RL step, over all ranks (VAPO: 512)."""
+    """PROMPTS sampled per RL step, over all ranks (VAPO: 512; baseline PPO: 8192). The step's rollout batch is global_prompts_per_step × samples_per_prompt responses."""
     samples_per_prompt: int = param(16, ge=1)
-    """Responses sampled per prompt (group sampling; VAPO: 16)."""
+    """Responses sampled per prompt (group sampling; VAPO: 16; baseline PPO: 1)."""
     global_mini_batch_size: int = param(512, ge=1)
-    """Responses per optimizer step, over all ranks (VAPO: 512)."""
+    """RESPONSES per optimizer step, over all ranks; optimizer steps per RL step = ppo_epochs × rollout batch / this (VAPO: 8192 = 512 prompts × 16, one update per step; baseline PPO: 512 responses, 16 updates per step)."""
     micro_batch_size: int = param(1, ge=1)
-    """Responses per forward/backward on one data-parallel rank."""
+    """RESPONSES per forward/backward on one data-parallel rank (gradient accumulation up to the per-rank mini-batch)."""
     global_sft_batch_size: int = param(64, ge=1)
-    """Examples per optimizer step of the SFT cold start, over all ranks."""
+    """Examples (prompt + solution sequences) per optimizer step of the SFT cold start, over all ranks."""
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,9 @@ class DataConfig:
     """Prompt data."""
 
     train_path: str | None = None
-    """jsonl / parquet file of training problems (parquet as written by HF `datasets`' `Dataset.to_parquet`); null uses the built-in synthetic arithmetic task."""
+    """jsonl / parquet file of training problems (parquet as written by HF `datasets`' `Dataset.to_parquet`); null uses the built-in synthetic task `task`."""
+    task: Literal["sums", "chain_sums"] = "sums"
+    """The built-in synthetic task (data/synthetic.py) when `train_path` / `eval_path` are null: `sums` (short: copy a sum of single digits, then its value; the quick demo) or `chain_sums` (long chain of thought: the sum worked out with running totals, 100-200 tokens; data/chain_sums.py)."""
     problem_key: str | tuple[str, ...] = ("problem", "question")
     """Field holding the problem text, or a list of names of which each file uses the first it has (reported when loading; GSM8K's own files: `question`); a dotted name reaches into nested objects / parquet structs (`extra_info.question`)."""
     answer_key: str | tuple[str, ...] = ("answer", "solution")
@@ -238,6 +244,26 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class RewardModelConfig:
+    """Reward-model training, `python -m vcppo_megatron.train_reward_model` (trainer/reward_model.py): the model baseline PPO's critic starts from (VC-PPO §3.1, VAPO §5.1; `critic.init_from: reward_model`). A one-label HF sequence classifier, initialised from the SFT policy `actor.model_path`, regresses the verifier's reward of the policy's own samples at each response's last token only."""
+
+    train_prompts: int = param(256, ge=1)
+    """Prompts of the training pool the SFT policy is sampled on (`rollout.temperature` / `top_p`)."""
+    eval_prompts: int = param(64, ge=1)
+    """Held-out prompts (the evaluation set), sampled afresh, on which the trained model's AUC is measured."""
+    samples_per_prompt: int = param(4, ge=1)
+    """Responses sampled per prompt."""
+    epochs: int = param(2, ge=1)
+    """Passes over the training samples."""
+    batch_size: int = param(32, ge=1)
+    """Responses per optimizer step."""
+    lr: float = param(1e-5, gt=0)
+    """Learning rate (AdamW, constant; betas, epsilon, weight decay and gradient clipping of `critic.optim`)."""
+    output_dir: str | None = None
+    """HF directory written (config, safetensors with `score.weight`, tokenizer, metrics.json); null: `<trainer.output_dir>/reward_model`."""
+
+
+@dataclass(frozen=True)
 class TrainerConfig:
     """The run: length, seeds, output directories."""
 
@@ -248,7 +274,7 @@ class TrainerConfig:
     sft_lr: float = param(1e-5, gt=0)
     """Learning rate of the SFT cold start (AdamW, otherwise as `actor.optim`)."""
     value_pretrain_steps: int = param(0, ge=0)
-    """Steps of value pretraining with the policy frozen (phase 1, VC-PPO §3.2; 0 skips it)."""
+    """Steps of value pretraining with the policy frozen (phase 1, VC-PPO §3.2; 0 skips it); a step is one rollout batch, as in `num_steps`."""
     value_pretrain_patience: int = param(0, ge=0)
     """Stop value pretraining early once the explained variance has not improved by `value_pretrain_min_delta` for this many steps (VC-PPO §3.2: train until the value loss and EV plateau); 0 runs all `value_pretrain_steps`."""
     value_pretrain_min_delta: float = param(0.01, ge=0)
@@ -256,7 +282,7 @@ class TrainerConfig:
     offload_during_rollout: bool = False
     """Colocation (memory timeline): each engine holds its gradient buffers and optimizer state only for its own update; in start-up, rollout, the forward passes, the sync and the other role's update it frees its gradient buffers and, on GPU with bf16 weights, moves its optimizer state (Adam moments, fp32 master weights) to host memory. Its weights stay on the GPU. Off: both engines keep everything resident."""
     num_steps: int = param(100, ge=0)
-    """RL steps to run (phase 2)."""
+    """RL steps to run (phase 2). One RL step = one rollout batch (`batch.global_prompts_per_step` prompts) and ppo_epochs × rollout batch / `batch.global_mini_batch_size` optimizer steps of each role; VAPO's "5,000 steps" (the axis of its Fig. 1) are optimizer steps."""
     eval_problems: int = param(64, ge=1)
     """Held-out problems scored (greedy) before and after RL."""
     output_dir: str = "runs/default"
@@ -305,5 +331,7 @@ class Config:
     """Verifier."""
     data: DataConfig = param(factory=DataConfig)
     """Data."""
+    reward_model: RewardModelConfig = param(factory=RewardModelConfig)
+    """Reward-model training (its own command; the trainer does not read it)."""
     trainer: TrainerConfig = param(factory=TrainerConfig)
     """Run settings."""

@@ -1,19 +1,59 @@
-"""TensorBoard writer that accepts only metric names documented in docs/METRICS.md."""
+"""TensorBoard writer that accepts only metric names documented in docs/METRICS.md.
+
+Besides scalars, histograms and the position-bias image, each run records its settings in the
+HParams view (`run_settings`) and a custom-scalars layout with one multi-line chart per position
+quantity, so `tensorboard --logdir` over several runs (the arms of a study) compares their
+settings, metrics and position bias side by side.
+"""
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 
 from vcppo_megatron.algorithms.position_stats import BucketStats, PositionStats
 from vcppo_megatron.logging.metric_names import DEFAULT_METRICS_DOC, check_tag
 from vcppo_megatron.logging.plot import line_plot
 
 POSITION_QUANTITIES = ("advantages", "values", "returns")
+POSITION_PHASES = ("value_pretrain", "rl")
+HPARAM_METRICS = ("eval/accuracy", "rl/reward/accuracy", "rl/response_length/mean",
+                  "rl/critic/explained_variance", "value_pretrain/critic/explained_variance")
+"""Metrics the HParams view shows beside each run's settings (more may be passed)."""
+
+
+def flatten_settings(settings: Any, prefix: str = "") -> dict[str, float | int | str]:
+    """A config dataclass or nested mapping as {"section.key": value}: numbers and strings as they
+    are; None, booleans and anything else in their YAML / string form ("null", "true", "false")."""
+    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        settings = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    out: dict[str, float | int | str] = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+            out.update(flatten_settings(value, name + "."))
+        elif value is None or isinstance(value, bool):       # torch's hparams would make a bool 0 / 1
+            out[name] = "null" if value is None else str(value).lower()
+        elif isinstance(value, (int, float, str)):
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out
+
+
+def position_layout() -> dict[str, dict[str, list]]:
+    """Custom-scalars layout: per phase and quantity, one chart of all its position buckets."""
+    return {"position (VC-PPO Fig. 2)": {
+        f"{phase}: {quantity} by response position": ["Multiline", [rf"^{phase}/position/{quantity}/bucket_\d+$"]]
+        for phase in POSITION_PHASES for quantity in POSITION_QUANTITIES
+        if (phase, quantity) != ("value_pretrain", "advantages")}}       # the policy is frozen there
 
 
 class MetricWriter:
@@ -60,6 +100,18 @@ class MetricWriter:
         starts = [b * bucket_size for b in range(len(next(iter(stats.values())).mean))]
         image = line_plot(series, starts, title=f"mean by response position ({bucket_size}-token buckets)")
         self._writer.add_image(tag, image, step, dataformats="HWC")
+
+    def run_settings(self, settings: Any, metrics: Sequence[str] = ()) -> None:
+        """Record the run's settings (a config dataclass or mapping) in the HParams view with
+        `HPARAM_METRICS` and `metrics` as its metric columns, and the position charts' layout."""
+        for tag in metrics:
+            check_tag(tag, self.metrics_doc)
+        if self._writer is None:
+            return
+        columns = {tag: 0.0 for tag in (*HPARAM_METRICS, *metrics)}
+        for summary in hparams(flatten_settings(settings), columns):
+            self._writer.file_writer.add_summary(summary)
+        self._writer.add_custom_scalars(position_layout())
 
     def flush(self) -> None:
         """Flush pending events to disk."""

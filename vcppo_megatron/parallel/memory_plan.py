@@ -31,6 +31,7 @@ from typing import Any, Mapping
 
 from vcppo_megatron.config.loader import ConfigError
 from vcppo_megatron.config.schema import Config, ParallelConfig
+from vcppo_megatron.algorithms.advantages import needs_critic
 from vcppo_megatron.parallel.memory_timeline import ROLES, Timeline, part
 
 GIB = 1024 ** 3
@@ -220,6 +221,8 @@ def timeline_plan(cfg: Config, hf_config: Mapping[str, Any], world: int, gpu_byt
     layouts = {}
     for role in ROLES:
         layouts[role], role_sizes = _role_bytes(role, cfg, shape, world)
+        if role == "critic" and not needs_critic(cfg.algo):    # GRPO: no critic is built
+            role_sizes = {k: ((0.0, 0.0) if isinstance(v, tuple) else 0.0) for k, v in role_sizes.items()}
         sizes.update(role_sizes)
     sizes["vllm.weights"] = _vllm_weight_bytes(cfg, shape)
     sizes["vllm.runtime"] = float(VLLM_RUNTIME_BYTES)

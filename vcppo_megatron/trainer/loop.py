@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vcppo_megatron.algorithms.gae import decoupled_gae, whiten_advantages
+from vcppo_megatron.algorithms.advantages import compute_advantages, needs_critic
 from vcppo_megatron.algorithms.metrics import MetricAccumulator
 from vcppo_megatron.algorithms.position_stats import PositionStats
 from vcppo_megatron.checkpoint import HF_SUBDIR, copy_hf_files
@@ -146,14 +146,17 @@ class Trainer:
                                                                + cfg.rollout.max_response_tokens)
         self.actor = self._policy_engine(cfg.actor.optim, cfg.trainer.num_steps * self.sizes.mini_batches_per_step
                                          * cfg.algo.ppo_epochs)
+        # no critic for an estimator without a value model (GRPO): every use below checks for None
         self.critic = ValueEngine(self.hf_config if cfg.critic.model_path is None
                                   else setup.read_hf_config(Path(cfg.critic.model_path)),
                                   self.critic_pgs, self.layout, optim=cfg.critic.optim,
                                   max_tokens_per_micro_batch=self.max_tokens_per_mb,
                                   attention_backend=LAYER_SPEC_BACKENDS[cfg.critic.layer_spec],
                                   params_dtype=getattr(torch, cfg.critic.params_dtype),
-                                  **self._parallel_options(cfg.critic.parallel))
+                                  **self._parallel_options(cfg.critic.parallel)) if needs_critic(cfg.algo) else None
         self.writer = MetricWriter(self.out / "tensorboard", enabled=self.rank == self.log_rank)
+        self.writer.run_settings(cfg, [f"eval/{h.name}/avg@{cfg.trainer.eval_samples}"           # HParams
+                                       for h in self.eval_sets])
         self.rollout: RolloutEngine | None = None
         self.colocation: Colocation | None = None
         self.state: dict[str, Any] = {"phase": "sft", "phase_step": 0, "actor_step": None,
@@ -170,9 +173,10 @@ class Trainer:
 
     def _describe_parallel(self) -> str:
         """Each role's sequence parallelism and activation recompute (one line), then its layer spec
-        and data-parallel overlap (one line), as the engines run."""
+        and data-parallel overlap (one line), as the engines run (a run without a critic: the actor's)."""
         on = {True: "on", False: "off"}
-        roles = (("actor", self.actor.core), ("critic", self.critic.core))
+        roles = [(role, engine.core) for role, engine in (("actor", self.actor), ("critic", self.critic))
+                 if engine is not None]
         parts = [f"{role}: sequence parallel {on[core.config.sequence_parallel]}, activation "
                  f"recompute {core.config.recompute_granularity or 'none'}" for role, core in roles]
         ddp = [f"{role}: layer spec {core.layer_spec}, grad-reduce overlap {on[core.ddp_config.overlap_grad_reduce]}, param-gather overlap "
@@ -204,6 +208,8 @@ class Trainer:
 
     def _init_critic_from_policy(self) -> None:
         """VC-PPO: the critic starts from the (SFT) policy's trunk, value head zero."""
+        if self.critic is None:
+            return
         if self.cfg.critic.model_path is not None:
             self.critic.load_hf_dir(self.cfg.critic.model_path, init_from=self.cfg.critic.init_from)
             return
@@ -214,6 +220,7 @@ class Trainer:
     def _save(self, global_step: int, *, actor: bool) -> None:
         """Checkpoint the critic (and the actor when `actor`) with the training state."""
         t0 = time.perf_counter()
+        actor = actor or self.critic is None          # no critic: the actor's checkpoint holds the state
         if actor:
             self.state["actor_step"] = global_step
         state = dict(self.state, global_step=global_step, data=self.order.state_dict(),
@@ -226,10 +233,11 @@ class Trainer:
                                        model_config=self.hf_config, optimizer_format=fmt)
             if self.rank == 0:          # config + tokenizer: converters and tools/evaluate.py read them
                 copy_hf_files(self.model_dir, step_dir / HF_SUBDIR)
-        save_checkpoint(self.ckpt_root / "critic", global_step, model=self.critic.core.model,
-                        pg_collection=self.critic_pgs, optimizer=_optimizer_if_stepped(self.critic),
-                        scheduler=self.critic.core.scheduler, training_state=state,
-                        model_config=self.critic.hf_config, optimizer_format=fmt)
+        if self.critic is not None:
+            save_checkpoint(self.ckpt_root / "critic", global_step, model=self.critic.core.model,
+                            pg_collection=self.critic_pgs, optimizer=_optimizer_if_stepped(self.critic),
+                            scheduler=self.critic.core.scheduler, training_state=state,
+                            model_config=self.critic.hf_config, optimizer_format=fmt)
         self._print(f"== checkpoint step {global_step} ({state['phase']} step {state['phase_step']}) "
                     f"saved in {time.perf_counter() - t0:.1f}s under {self.ckpt_root}")
         self._prune_checkpoints()
@@ -239,9 +247,11 @@ class Trainer:
 
         The critic checkpoint names its actor checkpoint (`actor_step`); an unreadable pair is
         reported, set aside as `step_N.unreadable` and the next older one tried (checkpoint/retention.py).
+        Without a critic (GRPO) the actor's checkpoint holds the training state.
         """
-        found = resume_paired(self.ckpt_root / "critic", self.ckpt_root / "actor",
-                              lambda d: _load_engine(d, self.critic, self.critic_pgs, self.critic.hf_config),
+        critic = self.critic
+        found = resume_paired(None if critic is None else self.ckpt_root / "critic", self.ckpt_root / "actor",
+                              lambda d: _load_engine(d, critic, self.critic_pgs, critic.hf_config),
                               lambda d: _load_engine(d, self.actor, self.actor_pgs, self.hf_config),
                               log=lambda text: print(text, flush=True))
         if found is None:
@@ -250,7 +260,8 @@ class Trainer:
         self.order.load_state_dict(state["data"])
         self.summary = dict(state["summary"])
         self.state = {k: state[k] for k in ("phase", "phase_step", "actor_step", "ev_best", "ev_since")}
-        self._print(f"== resumed from {critic_dir} (actor {actor_dir.name}): phase {self.state['phase']}, "
+        self._print(f"== resumed from {critic_dir or actor_dir}"
+                    f"{'' if critic_dir is None else f' (actor {actor_dir.name})'}: phase {self.state['phase']}, "
                     f"{self.state['phase_step']} steps done")
         return True
 
@@ -260,7 +271,8 @@ class Trainer:
         if self.rank != 0 or not tc.keep_last_checkpoints:
             return
         protect = set(tc.keep_checkpoint_steps) | ({tc.value_pretrain_steps} if tc.value_pretrain_steps else set())
-        deleted = prune_paired(self.ckpt_root / "critic", self.ckpt_root / "actor", tc.keep_last_checkpoints,
+        deleted = prune_paired(None if self.critic is None else self.ckpt_root / "critic",
+                               self.ckpt_root / "actor", tc.keep_last_checkpoints,
                                protect)
         if deleted:
             print(f"== checkpoint retention (trainer.keep_last_checkpoints = {tc.keep_last_checkpoints}): deleted "
@@ -349,25 +361,26 @@ class Trainer:
         exp = build_experience(samples, self.tokenizer.pad_token_id).to(self.actor.core.device)
         batch = {"input_ids": exp.input_ids, "attention_mask": exp.attention_mask}
         t = time.perf_counter()
-        with self.critic.eval_mode():
-            values = values_of_tokens(self.critic.forward_backward(batch, None, True)["outputs"]["values"])
+        values = None
+        if self.critic is not None:
+            with self.critic.eval_mode():
+                values = values_of_tokens(self.critic.forward_backward(batch, None, True)["outputs"]["values"])
         if train_actor:
             with self.actor.eval_mode():
                 old_lp = self.actor.forward_backward(batch, None, True)["outputs"]["log_probs"]
             exp.actor_log_probs = old_lp            # for rollout/logprob_abs_diff (vLLM vs actor)
         times["values"] = time.perf_counter() - t
         t = time.perf_counter()
-        resp_mask, values_r = exp.response_mask(), exp.to_response(values)
-        # VC-PPO §3.2: value pretraining regresses on λ = 1 Monte-Carlo returns
-        adv_r, ret_r = decoupled_gae(exp.token_rewards(), values_r, resp_mask, gamma=algo.gamma,
-                                     lam_actor=algo.lam_actor,
-                                     lam_critic=algo.lam_critic if train_actor else 1.0,
-                                     length_adaptive_alpha=algo.length_adaptive_alpha)
-        if algo.whiten_advantages:
-            adv_r = whiten_advantages(adv_r, resp_mask, group=self.actor_pgs.dp)
+        resp_mask = exp.response_mask()
+        values_r = None if values is None else exp.to_response(values)
+        # algo.advantage_estimator: GAE (λ = 1 targets in value pretraining) or GRPO; whitening
+        adv_r, ret_r = compute_advantages(algo, token_rewards=exp.token_rewards(), values=values_r,
+                                          response_mask=resp_mask, group_ids=torch.tensor(samples.prompt_index),
+                                          value_pretrain=not train_actor, group=self.actor_pgs.dp)
         times["gae"] = time.perf_counter() - t
-        batch.update(loss_mask=exp.loss_mask, is_positive=exp.rewards > 0,
-                     old_values=exp.to_full(values_r), returns=exp.to_full(ret_r))
+        batch.update(loss_mask=exp.loss_mask, is_positive=exp.rewards > 0)
+        if self.critic is not None:
+            batch.update(old_values=exp.to_full(values_r), returns=exp.to_full(ret_r))
         mini = self.sizes.mini_batches_per_step
         results: dict[str, UpdateResult] = {}
         if train_actor:
@@ -379,13 +392,14 @@ class Trainer:
                                           epochs=algo.ppo_epochs, mini_batches=mini, generator=gen,
                                           dp_group=self.actor_pgs.dp)
             times["actor_update"] = time.perf_counter() - t
-        t = time.perf_counter()
-        gen = torch.Generator().manual_seed(self._step_seed(phase, step) + 2)
-        self.colocation.updating("critic")
-        results["critic"] = ppo_update(self.critic, batch, lambda c: critic_loss_fn(algo, c),
-                                       epochs=algo.ppo_epochs, mini_batches=mini, generator=gen,
-                                       dp_group=self.critic_pgs.dp)
-        times["critic_update"] = time.perf_counter() - t
+        if self.critic is not None:
+            t = time.perf_counter()
+            gen = torch.Generator().manual_seed(self._step_seed(phase, step) + 2)
+            self.colocation.updating("critic")
+            results["critic"] = ppo_update(self.critic, batch, lambda c: critic_loss_fn(algo, c),
+                                           epochs=algo.ppo_epochs, mini_batches=mini, generator=gen,
+                                           dp_group=self.critic_pgs.dp)
+            times["critic_update"] = time.perf_counter() - t
         if train_actor:
             times["weight_sync"] = self._sync_rollout()
         else:
@@ -407,11 +421,12 @@ class Trainer:
                         "response_length/truncated_frac": exp.truncated.double().sum() / n,
                         "perf/tokens": torch.tensor(tokens, dtype=torch.float64)})
         acc.add_stats("response_length", lengths[:, None], torch.ones(len(lengths), 1))
-        acc.add_stats("critic/values", values_r, resp_mask)
-        acc.add_stats("critic/returns", ret_r, resp_mask)
-        acc.add_explained_variance("critic/explained_variance", values_r, ret_r, resp_mask)
-        positions.add("values", values_r, resp_mask)
-        positions.add("returns", ret_r, resp_mask)
+        if values_r is not None:                               # a critic (GRPO has none)
+            acc.add_stats("critic/values", values_r, resp_mask)
+            acc.add_stats("critic/returns", ret_r, resp_mask)
+            acc.add_explained_variance("critic/explained_variance", values_r, ret_r, resp_mask)
+            positions.add("values", values_r, resp_mask)
+            positions.add("returns", ret_r, resp_mask)
         if phase == "rl":
             acc.add_stats("actor/advantages", adv_r, resp_mask)
             lp_diff = logprob_abs_diff(exp)

@@ -40,12 +40,13 @@ def actor_loss_fn(algo: AlgoConfig, counts: GlobalCounts) -> LossFn:
 
 
 def critic_loss_fn(algo: AlgoConfig, counts: GlobalCounts) -> LossFn:
-    """Value loss of a micro-batch: V(s_t) of each response token against its return."""
+    """Value loss of a micro-batch: V(s_t) of each response token against its return, aggregated by
+    `algo.critic_loss_agg_mode` (token mean by default: VC-PPO Alg. 1 regresses every state alike)."""
 
     def loss_fn(outs: dict[str, Tensor], mb: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         return critic_loss(values_of_tokens(outs["values"]), mb["old_values"], mb["returns"],
                            mb["loss_mask"], counts, value_clip=algo.value_clip,
-                           loss_agg_mode=algo.loss_agg_mode)
+                           loss_agg_mode=algo.critic_loss_agg_mode)
 
     return loss_fn
 

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from vcppo_megatron.algorithms.advantages import needs_critic
 from vcppo_megatron.config import ConfigError
 from vcppo_megatron.config.schema import Config
 from vcppo_megatron.data.chat_template import encode_prompt
 from vcppo_megatron.data.prompts import load_problems
-from vcppo_megatron.data.synthetic import build_tokenizer, make_problems, prompt_tokens, response_tokens
+from vcppo_megatron.data.synthetic import synthetic_task
 
 INIT_MODEL_DIR = "init_model"
 
@@ -47,7 +48,8 @@ def check_layout(cfg: Config, world_size: int) -> None:
     if cfg.batch.global_prompts_per_step % replicas:
         raise ConfigError(f"batch.global_prompts_per_step = {cfg.batch.global_prompts_per_step}: expected a "
                           f"multiple of the {replicas} rollout replicas (world size / rollout.tensor_parallel_size)")
-    if cfg.critic.init_from == "reward_model" and cfg.critic.model_path is None:
+    _check_estimator(cfg)
+    if needs_critic(cfg.algo) and cfg.critic.init_from == "reward_model" and cfg.critic.model_path is None:
         raise ConfigError("critic.init_from = 'reward_model' with critic.model_path = null: expected an HF "
                           "sequence-classification checkpoint with one label in critic.model_path")
     if cfg.algo.kl_coef > 0:
@@ -61,26 +63,40 @@ def check_layout(cfg: Config, world_size: int) -> None:
     _check_synthetic_fits(cfg)
 
 
+def _check_estimator(cfg: Config) -> None:
+    """GRPO has no critic to pretrain and needs a group of samples per prompt."""
+    if needs_critic(cfg.algo):
+        return
+    tc = cfg.trainer
+    if tc.value_pretrain_steps or tc.value_checkpoint is not None:
+        raise ConfigError(f"algo.advantage_estimator = 'grpo' with trainer.value_pretrain_steps = "
+                          f"{tc.value_pretrain_steps} / trainer.value_checkpoint = {tc.value_checkpoint!r}: GRPO "
+                          f"has no critic; expected value_pretrain_steps = 0 and value_checkpoint = null")
+    if cfg.batch.samples_per_prompt < 2:
+        raise ConfigError(f"algo.advantage_estimator = 'grpo' with batch.samples_per_prompt = "
+                          f"{cfg.batch.samples_per_prompt}: the group baseline needs several samples of a prompt; expected >= 2")
+
+
 def _check_synthetic_fits(cfg: Config) -> None:
     """The synthetic task's longest prompt and solution must fit the rollout limits."""
     if cfg.data.train_path is not None and cfg.data.eval_path is not None:
         return
-    n, r = cfg.data.synthetic_max_operands, cfg.rollout
-    if prompt_tokens(n) > r.max_prompt_tokens:
+    task, r = synthetic_task(cfg.data), cfg.rollout
+    if task.max_prompt_tokens > r.max_prompt_tokens:
         raise ConfigError(f"rollout.max_prompt_tokens = {r.max_prompt_tokens}: the synthetic task's prompts "
-                          f"(data.synthetic_max_operands = {n}) take up to {prompt_tokens(n)} tokens; "
+                          f"({task.size_field}) take up to {task.max_prompt_tokens} tokens; "
                           f"expected at least that")
-    if response_tokens(n) > r.max_response_tokens:
+    if task.max_response_tokens > r.max_response_tokens:
         raise ConfigError(f"rollout.max_response_tokens = {r.max_response_tokens}: correct responses of the "
-                          f"synthetic task (data.synthetic_max_operands = {n}) take up to "
-                          f"{response_tokens(n)} tokens; expected at least that")
+                          f"synthetic task ({task.size_field}) take up to "
+                          f"{task.max_response_tokens} tokens; expected at least that")
 
 
 def _tiny_model(cfg: Config, out: Path) -> None:
     """Write the random tiny Qwen2-style model and the synthetic task's tokenizer to `out`."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = build_tokenizer()
+    tokenizer = synthetic_task(cfg.data).build_tokenizer()
     t = cfg.tiny_model
     hf_config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
@@ -129,7 +145,7 @@ class PromptSet:
 
 def _synthetic_set(name: str, count: int, seed: int, cfg: Config, tokenizer: Any) -> PromptSet:
     """Synthetic problems, sent as bare text (the character tokenizer knows no template)."""
-    problems = make_problems(count, seed=seed, max_operands=cfg.data.synthetic_max_operands)
+    problems = synthetic_task(cfg.data).make_problems(count, seed)
     return PromptSet(name, [encode_prompt(p.prompt, tokenizer, "none") for p in problems],
                      [p.answer for p in problems], [p.prompt for p in problems])
 
@@ -178,8 +194,8 @@ def load_prompt_sets(cfg: Config, tokenizer: Any) -> tuple[PromptSet, list[Promp
 
 def sft_examples(cfg: Config, step: int, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
     """The global SFT batch of `step`: (prompt ids, solution ids + end-of-sequence) pairs."""
-    problems = make_problems(cfg.batch.global_sft_batch_size, seed=cfg.trainer.seed * 7919 + step,
-                             max_operands=cfg.data.synthetic_max_operands)
+    problems = synthetic_task(cfg.data).make_demonstrations(cfg.batch.global_sft_batch_size,
+                                                           cfg.trainer.seed * 7919 + step)
     return [(tokenizer(p.prompt, add_special_tokens=False)["input_ids"],
-             tokenizer(p.solution(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+             tokenizer(p.demonstration(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
             for p in problems]

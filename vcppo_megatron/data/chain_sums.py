@@ -1,0 +1,119 @@
+"""`chain_sums`: the long chain-of-thought task (`data.task: chain_sums`), for the papers' ablations.
+
+A problem lists MIN_TERMS to MAX_TERMS single digits, each tagged with a letter for its position:
+
+    prompt    a7b3c9d2=
+    response  <think>7+b3=10,10+c9=19,19+d2=21</think>\\boxed{21}<eos>
+
+The response adds the terms one at a time with running totals: step i restates the total so far,
+names term i by its letter (the model finds the term after that letter in the prompt) and writes
+the new total. A correct response is 101-171 tokens, so the verifier's reward reaches the first
+tokens through 100+ steps of GAE (0.95^100 ≈ 0.006: VC-PPO §3.3, VAPO §4.2). The verifier checks
+the final answer only. A shortened chain is wrong (a skipped term changes the total) and an answer
+without the chain is a guess among ~100 values.
+
+Errors happen mid-chain. The cold-start demonstrations (`make_demonstrations`, the SFT data) slip
+at `SLIP_RATES` per step, as a hurried solver does: a carry dropped or added in a total, or a term
+skipped; the chain goes on correctly from the wrong total. The SFT policy learns these slips with
+the rest, so its sampled chains (temperature 1) fail at a per-step rate (plus its own misreadings
+of terms); longer problems, whose prompts show more letters, pass more steps and are solved less
+often. RL can remove the slips (they are low-probability tokens at known places), and a policy
+pushed to shorten its responses has one way to do it: skip terms.
+"""
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+
+MIN_TERMS = 13
+MAX_TERMS = 18
+LETTERS = string.ascii_lowercase[:MAX_TERMS]
+CHARACTERS = list("0123456789+-=},") + list(LETTERS)
+STEP_SEPARATOR = ","
+SLIP_RATES = {"carry": 0.03, "skip": 0.02}
+"""Per step, the chance that a cold-start demonstration slips: a carry dropped (or a spurious one
+added) in the new total, or the term skipped. The chain then goes on correctly from the wrong
+total, so the final answer is wrong."""
+
+
+@dataclass(frozen=True)
+class ChainProblem:
+    """A sum of tagged single digits; `prompt`, `answer` and `solution()` as every synthetic task."""
+
+    terms: tuple[int, ...]
+    slips: tuple[tuple[int, str], ...] = ()
+    """(step, kind) slips of this problem's demonstration (`demonstration()`); step i adds term i."""
+
+    @property
+    def prompt(self) -> str:
+        """`a7b3c9d2=`: each term after its position letter."""
+        return "".join(f"{LETTERS[i]}{t}" for i, t in enumerate(self.terms)) + "="
+
+    @property
+    def answer(self) -> str:
+        """The sum."""
+        return str(sum(self.terms))
+
+    def steps(self, slips: tuple[tuple[int, str], ...] = ()) -> list[str]:
+        """The chain's steps `total+<letter><term>=new total`, one per term after the first,
+        with `slips` applied (a skipped step is left out; later steps continue from its total)."""
+        kinds = dict(slips)
+        out, total = [], self.terms[0]
+        for i, t in enumerate(self.terms[1:], start=1):
+            if kinds.get(i) == "skip":
+                continue
+            new = total + t
+            if kinds.get(i) == "carry":                   # drop the carry, or add one that is not there
+                new += -10 if total % 10 + t >= 10 else 10
+            out.append(f"{total}+{LETTERS[i]}{t}={new}")
+            total = new
+        return out
+
+    def _response(self, steps: list[str]) -> str:
+        last = int(steps[-1].rsplit("=", 1)[1]) if steps else self.terms[0]
+        return f"<think>{STEP_SEPARATOR.join(steps)}</think>\\boxed{{{last}}}"
+
+    def solution(self) -> str:
+        """A correct response (without the end-of-sequence token)."""
+        return self._response(self.steps())
+
+    def demonstration(self) -> str:
+        """The cold-start (SFT) response: the solution with this problem's slips, answer included."""
+        return self._response(self.steps(self.slips))
+
+
+def make_problems(count: int, seed: int) -> list[ChainProblem]:
+    """`count` problems of MIN_TERMS..MAX_TERMS digits (uniform), reproducible from `seed`."""
+    rng = random.Random(seed)
+    return [ChainProblem(tuple(rng.randrange(10) for _ in range(rng.randint(MIN_TERMS, MAX_TERMS))))
+            for _ in range(count)]
+
+
+def make_demonstrations(count: int, seed: int) -> list[ChainProblem]:
+    """The problems of `make_problems(count, seed)`, each step slipping at `SLIP_RATES`."""
+    rng = random.Random(seed * 7 + 1)
+    out = []
+    for q in make_problems(count, seed):
+        slips = []
+        for i in range(1, len(q.terms)):
+            u = rng.random()
+            if u < SLIP_RATES["carry"]:
+                slips.append((i, "carry"))
+            elif u < SLIP_RATES["carry"] + SLIP_RATES["skip"]:
+                slips.append((i, "skip"))
+        out.append(ChainProblem(q.terms, tuple(slips)))
+    return out
+
+
+def prompt_tokens() -> int:
+    """Tokens of the longest prompt (a letter and a digit per term, then `=`)."""
+    return 2 * MAX_TERMS + 1
+
+
+def response_tokens() -> int:
+    """Tokens of the longest correct response, end-of-sequence token included: that of MAX_TERMS
+    nines, whose running totals are the longest (each special token counts one)."""
+    text = ChainProblem((9,) * MAX_TERMS).solution()
+    specials = ("<think>", "</think>", "\\boxed{")
+    return len(text) - sum(len(t) - 1 for t in specials) + 1
