@@ -114,3 +114,26 @@ def test_retention_keeps_the_newest_readable_protected_and_paired(tiny, tmp_path
     assert [s for s, _ in list_checkpoints(actor)] == [0, 5, 6]
     meta = json.loads((critic / "step_00000003" / ckpt.TRAINING_STATE_FILE).read_text())
     assert meta == {"actor_step": 0}
+
+
+def test_without_a_critic_the_actor_checkpoints_alone_resume_and_prune(tiny, tmp_path):
+    """GRPO builds no critic: the actor's checkpoints hold the training state (critic root None)."""
+    model, pgc = tiny
+    actor = tmp_path / "actor"
+    for step in (1, 2, 3):
+        _save(tiny, actor, step, float(step), actor_step=step)
+    shard = _truncate_a_shard(actor / step_dir_name(3))
+    logs: list[str] = []
+    load = lambda d: load_checkpoint(d, model=model, pg_collection=pgc, load_rng=False)  # noqa: E731
+    never = lambda d: pytest.fail(f"no critic to load, got {d}")  # noqa: E731
+    state, critic_dir, actor_dir = resume_paired(None, actor, never, load, logs.append)
+    assert (critic_dir, actor_dir.name, state["actor_step"]) == (None, "step_00000002", 2)
+    assert all(float(p.detach().float().mean()) == 2.0 for p in model.parameters())
+    assert shard in logs[0] and "the newest checkpoint that loads" in logs[1], logs
+    assert (actor / "latest").read_text().strip() == "step_00000002"
+    assert [p.name for p in prune_paired(None, actor, keep_last=1, protect={1})] == []   # 1 protected, 2 newest
+    _save(tiny, actor, 4, 4.0, actor_step=4)
+    assert [p.name for p in prune_paired(None, actor, keep_last=1, protect=set())] == ["step_00000001",
+                                                                                      "step_00000002"]
+    assert [s for s, _ in list_checkpoints(actor)] == [4]
+    assert resume_paired(None, tmp_path / "none", never, load, logs.append) is None

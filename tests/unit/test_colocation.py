@@ -347,6 +347,35 @@ def test_a_failed_sync_still_wakes_the_kv_cache(ledger):
     assert ledger.events[-1][:2] == ("wake_up", ("kv_cache",)) and col.phase == "rollout"
 
 
+def test_without_a_critic_only_the_actor_moves(ledger):
+    """GRPO builds no critic (its engine is None): the actor's hand-over is unchanged, nothing is
+    asked of a critic."""
+    timeline = Timeline(sleep_level=2, offload=True, optimizer_to_host=(True, True))
+    col = Colocation(timeline, {"actor": FakeEngine(ledger, "actor"), "critic": None})
+    col.start_rollout(lambda: FakeVLLM())
+    col.sync(lambda: ledger.note("update_weights") or 1.0)
+    for _ in range(2):                                    # the trainer's calls of a GRPO RL step
+        with col.generating():
+            ledger.note("generate")
+        col.after_rollout(weights_change=True)
+        col.updating("actor")
+        ledger.note("step", "actor")
+        col.sync(lambda: ledger.note("update_weights") or 1.0)
+    moves = [(k, d) for k, d, _ in ledger.events if k in ("offload", "onload")]
+    assert moves and all(d[0] == "actor" for _, d in moves)
+    assert sum(1 for k, d in moves if k == "onload") == 2            # once per RL step, as with a critic
+
+
+def test_the_plan_prices_no_critic_for_grpo():
+    recipe = ROOT / "examples" / "qwen2.5_32b_vcppo.yaml"
+    with_critic = make_plan(load_config(recipe), QWEN32B, nodes=8, gpus_per_node=8)
+    grpo = make_plan(load_config(recipe, ["algo.advantage_estimator=grpo", "trainer.value_pretrain_steps=0"]),
+                     QWEN32B, nodes=8, gpus_per_node=8)
+    for row in grpo.rows:
+        assert not any(row.gpu.get(k) for k in row.gpu if k.startswith("critic.")), row.phase
+    assert grpo.kv_cache_bytes > with_critic.kv_cache_bytes       # the critic's room goes to vLLM's KV cache
+
+
 def test_bad_arguments_are_named(ledger):
     with pytest.raises(ValueError, match="sleep_level = 3"):
         Timeline(sleep_level=3, offload=False, optimizer_to_host=(True, True))
