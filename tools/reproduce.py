@@ -270,9 +270,59 @@ def collect(plan: Plan, studies: dict[str, Any]) -> tuple[dict[tuple[str, str], 
             start = read_scalars(sft_dir(all_plan, seed) / "tensorboard")
             summary = summarize_run(read_scalars(d / "tensorboard"), start)
             summary["seed"] = seed
+            summary["run"] = run.key
             for member in run.members:
                 results.setdefault(member, []).append(summary)
     return results, bucket
+
+
+def _rm_metrics(plan: Plan, seed: int) -> dict[str, Any] | None:
+    path = rm_dir(plan, seed) / "metrics.json"
+    return json.loads(path.read_text()) if is_done(rm_dir(plan, seed), plan.rm_key) and path.is_file() else None
+
+
+def per_seed_text(plan: Plan, studies: dict[str, Any], results: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
+    """Every finished stage, seed by seed: the shared SFT policy and reward model, then each run."""
+    from study_collect import final_eval, read_scalars, summarize_run
+    from study_report import avg_name, pass_name
+
+    all_plan = make_plan(studies, list(studies), recipe=plan.recipe, base_overrides=plan.base_overrides,
+                         out=plan.out, seeds=plan.seeds, nproc=plan.nproc)
+    lines = ["| seed | SFT policy: held-out greedy / sampled evaluation | reward model: held-out AUC, samples "
+             "correct |", "|---|---|---|"]
+    for seed in plan.seeds:
+        if not is_done(sft_dir(all_plan, seed), all_plan.sft_key):
+            lines.append(f"| {seed} | not run | not run |")
+            continue
+        sft = summarize_run(read_scalars(sft_dir(all_plan, seed) / "tensorboard"))
+        evals = ", ".join(f"{k} {v['values'][-1]:.3f}" for k, v in sorted(sft["eval"].items()))
+        rm = _rm_metrics(all_plan, seed)
+        rm_text = f"{rm['eval_auc']:.3f}, {rm['eval_accuracy']:.3f}" if rm else "not run"
+        lines.append(f"| {seed} | greedy {sft.get('greedy', {}).get('after', float('nan')):.3f}; {evals} | {rm_text} |")
+    rows = {}
+    for (study, arm), runs in results.items():
+        for r in runs:
+            rows.setdefault((r["seed"], r["run"]), (r, []))[1].append(f"{study}: {arm}")
+    everything = [r for runs in results.values() for r in runs]
+    if not everything:
+        return "\n".join(lines + ["", "No finished arm runs."])
+    avg, pas = avg_name(everything) or "avg@k", pass_name(everything) or "pass@k"
+    lines += ["", f"| seed | run | arms | {avg} start → final | {pas} final | greedy before → after | "
+              "length first / min / last |", "|---|---|---|---|---|---|---|"]
+    for (seed, key), (r, names) in sorted(rows.items()):
+        a, p = final_eval(r, avg) if avg else None, final_eval(r, pas) if pas else None
+        g, ln = r.get("greedy"), r.get("length")
+        lines.append(f"| {seed} | `{key}` | {'<br>'.join(names)} | "
+                     + (f"{a[0]:.3f} → {a[1]:.3f}" if a else "-") + " | " + (f"{p[1]:.3f}" if p else "-") + " | "
+                     + (f"{g['before']:.3f} → {g['after']:.3f}" if g else "-") + " | "
+                     + (f"{ln['first']:.1f} / {ln['min']:.1f} / {ln['last']:.1f}" if ln else "-") + " |")
+    return "\n".join(lines)
+
+
+def shown(command: list[str]) -> str:
+    """A command as the report shows it: `python`, paths relative to the repository."""
+    parts = ["python" if c == sys.executable else c.replace(str(ROOT) + os.sep, "") for c in command]
+    return shlex.join(parts)
 
 
 def settings_text(plan: Plan, studies: dict[str, Any], argv: list[str]) -> str:
@@ -282,20 +332,23 @@ def settings_text(plan: Plan, studies: dict[str, Any], argv: list[str]) -> str:
     rel = plan.recipe.relative_to(ROOT) if plan.recipe.is_relative_to(ROOT) else plan.recipe
     seed0 = plan.seeds[0]
     cmds = stage_commands(all_plan, seed0)
-    lines = [f"Command: `python tools/reproduce.py {shlex.join(argv)}`", "",
+    study = (f"python tools/reproduce.py --all --seeds {len(plan.seeds)} --nproc {plan.nproc} --out "
+             f"{shown([str(plan.out)])}" + (" --smoke" if plan.base_overrides else ""))
+    lines = [f"Studies: `{study}` (or `--study NAME`; finished runs are skipped). This report: "
+             f"`python tools/reproduce.py {shlex.join(argv)}`.", "",
              f"Base recipe: `{rel}` (with its `defaults:` file), extra overrides for every stage: "
              f"`{' '.join(plan.base_overrides) or 'none'}`. Seeds (trainer.seed): {plan.seeds}. Ranks per run: "
              f"{plan.nproc}.", "",
-             f"Per seed, SFT cold start (`{seed0}` shown): `{shlex.join(cmds['sft'])}`, then its actor checkpoint "
+             f"Per seed, SFT cold start (`{seed0}` shown): `{shown(cmds['sft'])}`, then its actor checkpoint "
              f"converted to `<sft>/hf` (vcppo_megatron.checkpoint.convert_megatron_to_hf).", "",
-             f"Reward model: `{shlex.join(cmds['reward_model'])}`", "",
+             f"Reward model: `{shown(cmds['reward_model'])}`", "",
              "| run | arms | overrides of the base recipe |", "|---|---|---|"]
     for run in all_plan.runs:
         own = [o for o in run.overrides if o not in plan.base_overrides]
         rm = " + critic.model_path=<seed's reward model>" if run.reward_model else ""
         lines.append(f"| `{run.key}` | {'<br>'.join(f'{s}: {a}' for s, a in run.members)} | "
                      f"`{' '.join(own)}`{rm} |")
-    lines += ["", f"An arm's command: `{shlex.join(arm_command(all_plan, all_plan.runs[0], seed0))}` "
+    lines += ["", f"An arm's command: `{shown(arm_command(all_plan, all_plan.runs[0], seed0))}` "
               "(the first run shown; the others differ in their overrides).", "",
               "<details><summary>Resolved base settings</summary>", "", "```"]
     base = resolved_settings(plan.recipe, plan.base_overrides)
@@ -309,11 +362,11 @@ def report(plan: Plan, studies: dict[str, Any], selected: list[str], argv: list[
 
     results, bucket = collect(plan, studies)
     task = str(resolved_settings(plan.recipe, plan.base_overrides)["data.task"])
-    regen = f"python tools/reproduce.py --report-only --out {plan.out}" + (" --smoke" if smoke else "")
+    regen = f"python tools/reproduce.py --report-only --out {shown([str(plan.out)])}" + (" --smoke" if smoke else "")
     header = ("# Reproducing the VC-PPO and VAPO ablations at small scale\n\n"
               "<!-- generated by tools/reproduce.py: do not edit by hand -->\n"
               f"Generated by `tools/reproduce.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the "
-              f"finished runs under `{plan.out}`{' (SMOKE settings: tests the runner, not the result)' if smoke else ''}. "
+              f"finished runs under `{shown([str(plan.out)])}`{' (SMOKE settings: tests the runner, not the result)' if smoke else ''}. "
               f"Regenerate from those runs with `{regen}`; run or continue the studies with "
               f"`python tools/reproduce.py --all` (finished runs are skipped).\n\n"
               f"Task: `{task}` ({TASKS.get(task, 'data/synthetic.py')}), on a tiny Qwen2-style model trained from "
@@ -322,6 +375,7 @@ def report(plan: Plan, studies: dict[str, Any], selected: list[str], argv: list[
               "± is the sample standard deviation over seeds.")
     return write_report(path, studies=list(studies.values()), selected=selected, results=results,
                         seeds=len(plan.seeds), header=header, settings=settings_text(plan, studies, argv),
+                        per_seed=per_seed_text(plan, studies, results),
                         bucket_size=bucket)
 
 

@@ -212,7 +212,7 @@ def _compare_all(results: Results, title: str, src: str, winner: tuple[str, str]
     else:
         verdict = REPRODUCED if all(v == REPRODUCED for v in verdicts) else NOT_REPRODUCED
     missing = expected - len(pairs)
-    numbers = "; ".join(lines) + (f"; {missing} comparison(s) without finished runs" if missing > 0 else "")
+    numbers = "; ".join(lines + ([f"{missing} comparison(s) without finished runs"] if missing > 0 else []))
     reading = ""
     if verdict == NOT_REPRODUCED:
         bad = [p for p, v in zip(pairs, verdicts) if v != REPRODUCED]
@@ -320,7 +320,7 @@ def draw_figures(studies: list[Study], results: Results, fig_dir: Path, bucket_s
             for ax, q in zip(axes, ("value_loss", "explained_variance")):
                 curve = _mean_curve(runs, lambda r: r.get("value_pretrain", {}).get(q))
                 if curve:
-                    ax.plot(range(len(curve)), curve, label=arm)
+                    ax.plot(range(len(curve)), curve, marker="o", markersize=2, label=arm)
         for ax, q in zip(axes, ("value loss", "explained variance")):
             ax.set_xlabel("value-pretraining step")
             ax.set_ylabel(q)
@@ -336,7 +336,7 @@ def draw_figures(studies: list[Study], results: Results, fig_dir: Path, bucket_s
 
 
 def write_report(path: Path, *, studies: list[Study], selected: list[str], results: Results, seeds: int,
-                 header: str, settings: str, bucket_size: int) -> list[Claim]:
+                 header: str, settings: str, bucket_size: int, per_seed: str = "") -> list[Claim]:
     """Write the report (markdown + figures under <path's folder>/reproduction/); returns the claims."""
     fig_dir = path.parent / "reproduction"
     figures = draw_figures(studies, results, fig_dir, bucket_size)
@@ -364,6 +364,7 @@ def write_report(path: Path, *, studies: list[Study], selected: list[str], resul
         lines += [f"## {title}", ""]
         lines += [f"![{p.stem}](reproduction/{p.name})" for p in figures.get(key, [])] or ["NOT RUN (no data)."]
         lines.append("")
+    lines += ["## Every run, seed by seed", "", per_seed or "No finished runs.", ""]
     lines += ["## Settings and commands", "", settings, ""]
     path.write_text("\n".join(lines))
     return verdicts
