@@ -215,9 +215,28 @@ def _compare_all(results: Results, title: str, src: str, winner: tuple[str, str]
     numbers = "; ".join(lines + ([f"{missing} comparison(s) without finished runs"] if missing > 0 else []))
     reading = ""
     if verdict == NOT_REPRODUCED:
-        bad = [p for p, v in zip(pairs, verdicts) if v != REPRODUCED]
-        reading = ("not beyond the seed spread: " + ", ".join(f"{a[1]} vs {b[1]}" for a, b in bad) + ".")
+        reading = " ".join(_why(results, a, b) for (a, b), v in zip(pairs, verdicts) if v != REPRODUCED)
     return Claim(title, src, verdict, numbers or "no finished runs", reading)
+
+
+def _length_trend(runs: list[dict[str, Any]]) -> str:
+    first = mean_spread([r["length"]["first"] for r in runs if "length" in r])[0]
+    last = mean_spread([r["length"]["last"] for r in runs if "length" in r])[0]
+    return f"length {first:.1f} -> {last:.1f}" if math.isfinite(first) else "no length logged"
+
+
+def _why(results: Results, a: tuple[str, str], b: tuple[str, str]) -> str:
+    """One sentence on a comparison that did not come out as the paper's: the gap, the spread, the lengths."""
+    ra, rb = results[a], results[b]
+    name = avg_name(ra + rb)
+    (ma, sa), (mb, sb) = mean_spread(finals(ra, name)), mean_spread(finals(rb, name))
+    se = math.sqrt(sa ** 2 / len(ra) + sb ** 2 / len(rb))
+    ga, gb = mean_spread(gains(ra, name))[0], mean_spread(gains(rb, name))[0]
+    gap = (f"{a[1]} and {b[1]} tied at {ma:.3f} {name}" if ma == mb else
+           f"{b[1]} scored {mb - ma:.3f} {name} higher than {a[1]}" if ma <= mb else
+           f"{a[1]} led {b[1]} by {ma - mb:.3f} {name}, within the seed spread (standard error {se:.3f})")
+    return (f"{gap}; gains over the SFT policy {ga:+.3f} vs {gb:+.3f}; {a[1]} {_length_trend(ra)}, "
+            f"{b[1]} {_length_trend(rb)}.")
 
 
 def study_table(study: Study, results: Results, seeds: int) -> str:
@@ -255,14 +274,39 @@ def _distinct(items: list[tuple[tuple[str, str], list[dict[str, Any]]]]) -> list
     return [(" = ".join(names), runs) for names, runs in groups.values()]
 
 
+def _pair_figure(plt: Any, items: list[tuple[str, list[dict[str, Any]]]], quantities: tuple[str, str], getter,
+                 x_of, xlabel: str, title: str, path: Path) -> Path:
+    """Two panels (one per quantity), one line per run: the mean over its seeds."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for idx, (label, runs) in enumerate(items):
+        for ax, q in zip(axes, quantities):
+            curve = _mean_curve(runs, lambda r, q=q: getter(r, q))
+            if curve:                                  # one colour per run in both panels
+                ax.plot([x_of(i) for i in range(len(curve))], curve, marker="o", markersize=3, color=f"C{idx % 10}",
+                        label=f"{label} ({len(runs)} seeds)")
+    for ax, q in zip(axes, quantities):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(q.replace("_", " "))
+        ax.set_title(f"{q.replace('_', ' ')} {title}", fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def draw_figures(studies: list[Study], results: Results, fig_dir: Path, bucket_size: int) -> dict[str, list[Path]]:
-    """PNG figures per study (length and accuracy over steps) and the position / value-loss views."""
+    """PNG figures per study: length and accuracy over RL steps, advantage and value by position in the
+    first RL steps, value loss and explained variance during value pretraining."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig_dir.mkdir(parents=True, exist_ok=True)
+    for stale in fig_dir.glob("*.png"):          # the folder holds this report's figures only
+        stale.unlink()
     out: dict[str, list[Path]] = {}
     for study in studies:
         arms = [(a.name, results.get((study.name, a.name), [])) for a in study.arms]
@@ -292,46 +336,19 @@ def draw_figures(studies: list[Study], results: Results, fig_dir: Path, bucket_s
             fig.savefig(path, dpi=100)
             plt.close(fig)
             paths.append(path)
+        keyed = [((study.name, n), r) for n, r in arms]
+        pos = [(k, r) for k, r in keyed if any(x["position"]["advantages"] for x in r)]
+        if pos:           # advantage and value by position in the first RL steps (VC-PPO Fig. 2 / Fig. 5)
+            paths.append(_pair_figure(plt, _distinct(pos), ("advantages", "values"), lambda r, q: r["position"][q],
+                                      lambda i: i * bucket_size, "response position (bucket start, tokens)",
+                                      "by position, first RL steps", fig_dir / f"{study.name}_position.png"))
+        vp = [(k, r) for k, r in keyed if any("value_pretrain" in x for x in r)]
+        if vp:
+            paths.append(_pair_figure(plt, _distinct(vp), ("value_loss", "explained_variance"),
+                                      lambda r, q: r.get("value_pretrain", {}).get(q), lambda i: i,
+                                      "value-pretraining step", "during value pretraining (VC-PPO Fig. 6)",
+                                      fig_dir / f"{study.name}_value_pretrain.png"))
         out[study.name] = paths
-    # advantage and value by position in the first RL steps (VC-PPO Fig. 2 / Fig. 5)
-    pos_arms = [(k, r) for k, r in results.items() if r and any(x["position"]["advantages"] for x in r)]
-    if pos_arms:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for arm, runs in _distinct(pos_arms):
-            for ax, q in zip(axes, ("advantages", "values")):
-                curve = _mean_curve(runs, lambda r: r["position"][q])
-                if curve:
-                    ax.plot([i * bucket_size for i in range(len(curve))], curve, marker="o", markersize=3, label=arm)
-        for ax, q in zip(axes, ("advantages", "values")):
-            ax.set_xlabel("response position (bucket start, tokens)")
-            ax.set_ylabel(f"mean {q[:-1]}")
-            ax.set_title(f"{q} by position, first RL steps", fontsize=9)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = fig_dir / "position_bias.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        out["position"] = [path]
-    vp_arms = [(k, r) for k, r in results.items() if r and any("value_pretrain" in x for x in r)]
-    if vp_arms:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for arm, runs in _distinct(vp_arms):
-            for ax, q in zip(axes, ("value_loss", "explained_variance")):
-                curve = _mean_curve(runs, lambda r: r.get("value_pretrain", {}).get(q))
-                if curve:
-                    ax.plot(range(len(curve)), curve, marker="o", markersize=2, label=arm)
-        for ax, q in zip(axes, ("value loss", "explained variance")):
-            ax.set_xlabel("value-pretraining step")
-            ax.set_ylabel(q)
-            ax.set_title(f"{q} during value pretraining (VC-PPO Fig. 6)", fontsize=9)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = fig_dir / "value_pretrain_loss.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        out["value_pretrain"] = [path]
     return out
 
 
@@ -359,11 +376,6 @@ def write_report(path: Path, *, studies: list[Study], selected: list[str], resul
         lines.append("")
         for p in figures.get(study.name, []):
             lines += [f"![{p.stem}](reproduction/{p.name})", ""]
-    for key, title in (("position", "Advantage and value by response position, first RL steps"),
-                       ("value_pretrain", "Value pretraining: value loss and explained variance")):
-        lines += [f"## {title}", ""]
-        lines += [f"![{p.stem}](reproduction/{p.name})" for p in figures.get(key, [])] or ["NOT RUN (no data)."]
-        lines.append("")
     lines += ["## Every run, seed by seed", "", per_seed or "No finished runs.", ""]
     lines += ["## Settings and commands", "", settings, ""]
     path.write_text("\n".join(lines))

@@ -40,9 +40,9 @@ def test_smoke_study_runs_every_arm_reports_and_skips_finished_runs(tmp_path):
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     log = first.stdout
     assert "4 distinct arm runs x 1 seeds (+ SFT and reward model per seed): 6 to run" in log
-    for label in ("SFT cold start", "reward model", "vcppo-table2/GRPO", "vcppo-table2/PPO = vapo-table1/Vanilla PPO",
-                  "vcppo-table2/VC-PPO w/o Decoupled-GAE = vcppo-table4/λ_actor = 1.0", "vcppo-table2/VC-PPO = "):
-        assert re.search(rf"\[reproduce \d/6\] seed 1234 {re.escape(label)}.*: done in", log), label
+    for label in ("SFT cold start", "reward model", "vcppo-table2/GRPO", "vcppo-table2/PPO",
+                  "vcppo-table2/VC-PPO w/o Decoupled-GAE", "vcppo-table2/VC-PPO"):
+        assert re.search(rf"^\[reproduce \d/6\] seed 1234 {re.escape(label)}: done in", log, re.M), label
     assert len(list(tmp_path.glob("seed_1234/run_*/DONE.json"))) == 4
     assert (next(tmp_path.glob("seed_1234/sft_*")) / "hf" / "model.safetensors").is_file()
     assert (next(tmp_path.glob("seed_1234/reward_model_*")) / "metrics.json").is_file()
@@ -60,8 +60,7 @@ def test_smoke_study_runs_every_arm_reports_and_skips_finished_runs(tmp_path):
     assert len(verdicts) == 7 and report.count("\n### ") == 7
     assert verdicts[1] != "NOT RUN" and verdicts[-1] == "NOT RUN"   # PPO's position view ran; VAPO did not
     figures = {p.name for p in (tmp_path / "reproduction").glob("*.png")}
-    assert {"vcppo-table2_length.png", "vcppo-table2_accuracy.png", "position_bias.png",
-            "value_pretrain_loss.png"} <= figures
+    assert {f"vcppo-table2_{x}.png" for x in ("length", "accuracy", "position", "value_pretrain")} <= figures
     for name in figures:
         assert f"(reproduction/{name})" in report
     assert "SMOKE settings" in report and "data.task=sums" in report

@@ -195,7 +195,7 @@ def test_report_from_fake_runs_has_every_arm_and_a_verdict_per_claim(fake_runner
     assert first.verdict == study_report.NOT_REPRODUCED and "PPO improved by +0.050" in first.reading
     assert next(c for c in verdicts if "biased by token position" in c.title).verdict == study_report.REPRODUCED
     figs = sorted(p.name for p in (tmp_path / "reproduction").iterdir())
-    assert "vcppo-table2_length.png" in figs and "position_bias.png" in figs
+    assert "vcppo-table2_length.png" in figs and "vcppo-table2_position.png" in figs
     assert all((tmp_path / "reproduction" / f).stat().st_size > 1000 for f in figs)
 
 
