@@ -17,7 +17,7 @@ killed run is started again on the same directory and the trainer resumes from i
 The report (tools/study_report.py) is written from the finished runs: docs/REPRODUCTION.md with
 figures under docs/reproduction/; `--report-only` rewrites it without running anything.
 `--smoke`: every selected arm for 2 RL steps with tiny settings (study_arms.SMOKE_OVERRIDES, one
-rank, one seed unless --seeds is given) in a temporary directory (or --out); the report goes into
+rank unless --nproc is given, one seed unless --seeds is) in a temporary directory (or --out); the report goes into
 that directory, never docs/. It tests the runner, not the result.
 """
 from __future__ import annotations
@@ -192,8 +192,10 @@ def run_stage(command: list[str], directory: Path, key: str, log: Path, progress
     if ok:
         mark_done(directory, key, command=shlex.join(command), seconds=round(time.time() - started, 1), **info)
     else:
-        tail = log.read_text().splitlines()[-15:]
-        print(f"   exit code {rc}; last lines of {log}:\n" + "\n".join("   | " + t for t in tail), flush=True)
+        lines = log.read_text().splitlines()
+        errors = [t for t in lines if "error: " in t][:4]          # the trainer's own error lines, if any
+        print(f"   exit code {rc}; {log}:\n" + "\n".join("   | " + t for t in errors + ["..."] + lines[-8:]),
+              flush=True)
     progress.finish(label, started, ok)
     return ok
 
@@ -226,10 +228,10 @@ def execute(plan: Plan) -> list[str]:
     logs = plan.out / "logs"
     for kind, seed, run in pending:
         cmds = stage_commands(plan, seed)
+        what = {"sft": "SFT", "rm": "reward model"}.get(kind) or run.members[0][1]
         if kind != "sft" and not is_done(sft_dir(plan, seed), plan.sft_key):
-            print(f"   seed {seed}: skipping {kind} {run.members[0][1] if run else ''}: the SFT stage did not finish",
-                  flush=True)
-            failed.append(f"seed {seed} {kind}")
+            print(f"   seed {seed}: skipping {what}: the SFT stage did not finish", flush=True)
+            failed.append(f"seed {seed} {what}")
             continue
         if kind == "sft":
             d = sft_dir(plan, seed)
@@ -248,7 +250,7 @@ def execute(plan: Plan) -> list[str]:
                            logs / f"seed_{seed}_run_{run.key}.log", progress, f"seed {seed} {names}", plan.nproc,
                            members=run.members, overrides=run.overrides)
         if not ok:
-            failed.append(f"seed {seed} {kind} {run.members[0][1] if run else ''}".strip())
+            failed.append(f"seed {seed} {what}")
     return failed
 
 
@@ -385,10 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", action="append", choices=STUDY_NAMES, default=[], help="a study to run (repeatable)")
     parser.add_argument("--all", action="store_true", help="every study")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; 1 with --smoke)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per arm (default 3; 1 with --smoke; --report-only: every seed found under --out)")
     parser.add_argument("--out", type=Path, default=None,
                         help="runs directory (default runs/reproduce; a new temporary directory with --smoke)")
-    parser.add_argument("--nproc", type=int, default=2, help="ranks per training run (1 with --smoke)")
+    parser.add_argument("--nproc", type=int, default=None, help="ranks per training run (default 2; 1 with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny settings, report in the output directory")
     parser.add_argument("--report-only", action="store_true", help="write the report from finished runs only")
     parser.add_argument("--recipe", type=Path, default=BASE_RECIPE, help=argparse.SUPPRESS)
@@ -398,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("expected --study NAME (repeatable) or --all")
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: expected >= 1")
-    if args.nproc < 1:
-        parser.error(f"--nproc {args.nproc}: expected >= 1")
+    nproc = args.nproc if args.nproc is not None else (1 if args.smoke else 2)
+    if nproc < 1:
+        parser.error(f"--nproc {nproc}: expected >= 1")
     from vcppo_megatron.config import load_config
 
     base_overrides = SMOKE_OVERRIDES if args.smoke else ()
@@ -407,9 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     out = out.resolve()
     base = load_config(args.recipe, list(base_overrides))
     seeds = [base.trainer.seed + i for i in range(args.seeds or (1 if args.smoke else 3))]
+    if args.report_only and args.seeds is None:           # report every seed the runs directory has
+        found = sorted(int(p.name[5:]) for p in out.glob("seed_*") if p.name[5:].isdigit())
+        seeds = found or seeds
     studies = build_studies(base)
     plan = make_plan(studies, names, recipe=args.recipe.resolve(), base_overrides=tuple(base_overrides), out=out,
-                     seeds=seeds, nproc=1 if args.smoke else args.nproc)
+                     seeds=seeds, nproc=nproc)
     failed = [] if args.report_only else execute(plan)
     path = out / "REPRODUCTION.md" if args.smoke else ROOT / "docs" / "REPRODUCTION.md"
     verdicts = report(plan, studies, names, argv, path, args.smoke)

@@ -43,7 +43,7 @@ SMOKE_OVERRIDES = (
     "tiny_model.max_position_embeddings=128",
     "trainer.sft_steps=60", "trainer.sft_lr=3.0e-3", "batch.global_sft_batch_size=16",
     "batch.global_prompts_per_step=4", "batch.samples_per_prompt=2", "batch.global_mini_batch_size=8",
-    "batch.micro_batch_size=8", "trainer.value_pretrain_steps=2", "trainer.num_steps=2",
+    "batch.micro_batch_size=4", "trainer.value_pretrain_steps=2", "trainer.num_steps=2",
     "trainer.eval_problems=8", "trainer.eval_samples=2", "trainer.eval_every_steps=1",
     "trainer.checkpoint_interval=100", "trainer.position_bucket_size=4", "trainer.position_num_buckets=4",
     "reward_model.train_prompts=16", "reward_model.eval_prompts=16", "reward_model.samples_per_prompt=2",

@@ -171,7 +171,7 @@ def test_runner_reports_a_failed_stage_and_skips_what_depends_on_it(fake_runner,
     failed = reproduce.execute(plan)
     log = capsys.readouterr().out
     # PPO needs the reward model: it is skipped, the other arms run
-    assert failed == ["seed 1234 rm", "seed 1234 PPO", "seed 1235 rm", "seed 1235 PPO"], failed
+    assert failed == ["seed 1234 reward model", "seed 1234 PPO", "seed 1235 reward model", "seed 1235 PPO"], failed
     assert "exit code 5" in log and "FAILED" in log
     monkeypatch.delenv("FAKE_FAIL")
     assert reproduce.execute(plan) == []
