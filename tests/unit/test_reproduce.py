@@ -4,7 +4,6 @@ the runner's stage order / skip / failure handling with a fake trainer, and the 
 verdicts, figures) from synthetic TensorBoard data."""
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
