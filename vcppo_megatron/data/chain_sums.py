@@ -7,7 +7,8 @@ A problem lists MIN_TERMS to MAX_TERMS single digits, each tagged with a letter 
 
 The response adds the terms one at a time with running totals: step i restates the total so far,
 names term i by its letter (the model finds the term after that letter in the prompt) and writes
-the new total. A correct response is 101-171 tokens, so the verifier's reward reaches the first
+the new total. A correct response is 103-168 tokens (mean 134; 20,000 problems, end-of-sequence
+token included; `response_tokens()` is the bound, 172), so the verifier's reward reaches the first
 tokens through 100+ steps of GAE (0.95^100 ≈ 0.006: VC-PPO §3.3, VAPO §4.2). The verifier checks
 the final answer only. A shortened chain is wrong (a skipped term changes the total) and an answer
 without the chain is a guess among ~100 values.
@@ -19,6 +20,30 @@ the rest, so its sampled chains (temperature 1) fail at a per-step rate (plus it
 of terms); longer problems, whose prompts show more letters, pass more steps and are solved less
 often. RL can remove the slips (they are low-probability tokens at known places), and a policy
 pushed to shorten its responses has one way to do it: skip terms.
+
+Validated on the SFT policy of examples/tiny_cot_cpu.yaml (1200 SFT steps; `python
+tools/chain_task_report.py --model <run>/checkpoints/actor --problems 1024 --samples 4`, 2026-12-01):
+
+| terms                                     | 13   | 14   | 15   | 16   | 17   | 18   | all   |
+|-------------------------------------------|------|------|------|------|------|------|-------|
+| sampled accuracy (temperature 1, top-p 1) | 0.52 | 0.45 | 0.46 | 0.40 | 0.36 | 0.32 | 0.418 |
+| greedy accuracy                           | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 0.99 | 0.999 |
+
+- Full chains: sampled responses 131 tokens on average (72-181), correct ones 131 (shortest 100);
+  none truncated at 200. The trainer's own held-out evaluation (128 problems x 4) gave avg@4 0.428,
+  pass@4 0.891.
+- Where sampled chains first go wrong: a total miscalculated 62 % (the carry slips), a term
+  skipped or repeated 32 % (the skip slips), the chain stopped early 4 %, other 2 %.
+- A shortened chain is wrong: forced to answer (greedy) after half of the correct chain 0.0 %,
+  with no chain (`<think></think>` given) 0.0 % right.
+- Greedy decoding takes the likely token at every slip, so it is nearly always right: RL's room
+  is in the sampled accuracy (avg@k); greedy accuracy can only show a policy getting worse.
+- With 600 SFT steps instead of 1200 the policy is still unsure of the format: sampled 0.100,
+  greedy 0.492 (128 x 4); the recipe keeps 1200.
+- The critic (from the SFT policy, value pretraining 30 steps, λ = 1) learns the mean return and
+  little more: explained variance stays at 0.00 ± 0.01 and the value loss at ~0.50 (the return's
+  variance / 2). The number of terms moves the success rate by only 0.2 across the range; the
+  rest of the spread is whether a slip is sampled, which the prompt cannot show.
 """
 from __future__ import annotations
 
