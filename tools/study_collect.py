@@ -56,9 +56,22 @@ def position_means(scalars: Scalars, quantity: str, phase: str = "rl", first_ste
     return out
 
 
-def summarize_run(scalars: Scalars, start_eval: Scalars | None = None) -> dict[str, Any]:
+def reached_buckets(scalars: Scalars, bucket_size: int, phase: str = "rl", first_steps: int = FIRST_RL_STEPS) -> int | None:
+    """How many leading position buckets every response of the first steps fills completely: the
+    buckets whose last position is below the shortest response (`<phase>/response_length/min`).
+    Their means are over every response; later buckets hold only the longer (often the over-long,
+    wrong) responses, so a trend across them mixes position with which responses are there.
+    None when the run did not log the shortest length."""
+    lows = [v for _, v in _series(scalars, f"{phase}/response_length/min")[:first_steps]]
+    if not lows or bucket_size < 1:
+        return None
+    return int(min(lows) // bucket_size)
+
+
+def summarize_run(scalars: Scalars, start_eval: Scalars | None = None, bucket_size: int | None = None) -> dict[str, Any]:
     """The measurements of one run. `start_eval`: the SFT run's scalars (its final evaluation is
-    every arm's step-0 evaluation: same policy, same seed, same held-out set)."""
+    every arm's step-0 evaluation: same policy, same seed, same held-out set). `bucket_size`: the
+    run's `trainer.position_bucket_size` (for the buckets every response fills)."""
     s: dict[str, Any] = {}
     length = _series(scalars, "rl/response_length/mean")
     if length:
@@ -69,8 +82,9 @@ def summarize_run(scalars: Scalars, start_eval: Scalars | None = None) -> dict[s
     if acc:
         s["train_accuracy"] = {"steps": [k for k, _ in acc], "values": [v for _, v in acc]}
     greedy = _series(scalars, "eval/accuracy")
-    if greedy:
-        s["greedy"] = {"before": greedy[0][1], "after": greedy[-1][1]}
+    if greedy:          # before RL, at every trainer.eval_every_steps (runs since 2026-12-01) and after RL
+        s["greedy"] = {"before": greedy[0][1], "after": greedy[-1][1],
+                       "steps": [k for k, _ in greedy], "values": [v for _, v in greedy]}
     evals = {}
     start_tags = eval_tags(start_eval) if start_eval else {}
     for name, tag in eval_tags(scalars).items():
@@ -81,6 +95,7 @@ def summarize_run(scalars: Scalars, start_eval: Scalars | None = None) -> dict[s
         evals[name] = {"steps": steps, "values": [series[k] for k in steps]}
     s["eval"] = evals
     s["position"] = {q: position_means(scalars, q) for q in ("advantages", "values", "returns")}
+    s["position"]["reached"] = reached_buckets(scalars, bucket_size) if bucket_size else None
     vloss = _series(scalars, "value_pretrain/critic/value_loss")
     if vloss:
         s["value_pretrain"] = {"steps": [k for k, _ in vloss], "value_loss": [v for _, v in vloss],

@@ -18,6 +18,13 @@ SHORTEN_RATIO = 0.9        # PPO "shortens": last / first mean response length b
 NO_GAIN = 0.02             # PPO "fails to improve": held-out avg@k gains at most this
 BIAS_REMOVED = 0.5         # value pretraining "removes" the bias: |slope| below this fraction of PPO's
 TWO_STAGE_RATE = 3.0       # two-stage value loss: first-quarter per-step drop >= this x the rest's
+# the one change made after runs were seen, stated in every report
+RULE_CHANGES = (
+    "One rule was changed after the first Table 2 runs: the position-bias slope was first taken over every "
+    "bucket, and its last buckets (positions only the longest responses reach, which are wrong: returns "
+    "about -1 there) carry whitened advantages down to about -4 that set its sign. The slope is now taken over the buckets every response "
+    "of the first RL steps fills (below the shortest response, `rl/response_length/min`), where each bucket's "
+    "mean is over every response; the all-bucket slope is still reported beside it.")
 REPRODUCED, NOT_REPRODUCED, NOT_RUN = "REPRODUCED", "NOT REPRODUCED", "NOT RUN"
 
 Results = dict[tuple[str, str], list[dict[str, Any]]]     # (study, arm) -> per-seed summaries
@@ -93,6 +100,21 @@ def _mean_curve(runs: list[dict[str, Any]], getter) -> list[float]:
     return [sum(c[i] for c in curves) / len(curves) for i in range(n)]
 
 
+def reached(runs: list[dict[str, Any]]) -> int | None:
+    """Buckets every response of every run fills at the start of RL (None: unknown for some run)."""
+    counts = [r["position"].get("reached") for r in runs]
+    return None if not counts or None in counts else min(counts)
+
+
+def bias_slope(run: dict[str, Any]) -> float:
+    """The position-bias statistic of one run: the slope of its mean advantage per bucket over the
+    buckets every response fills (all buckets when that is unknown). Later buckets hold only the
+    longer responses, so their means mix position with which responses reach them."""
+    adv = run["position"]["advantages"]
+    n = run["position"].get("reached")
+    return slope(adv[:n] if n is not None else adv)
+
+
 def two_stage(loss: list[float]) -> tuple[bool, str]:
     """Fast drop in the first quarter of value pretraining, then a slower but continued decline."""
     n = len(loss)
@@ -149,14 +171,26 @@ def claims(results: Results) -> list[Claim]:
         out.append(Claim(title, src, NOT_RUN, "no PPO run with position statistics"))
         ppo_slope = math.nan
     else:
-        slopes = [slope(r["position"]["advantages"]) for r in ppo_runs]
-        ppo_slope, sp = mean_spread(slopes)
-        ok = ppo_slope < 0 and adv[0] > adv[-1]
+        ppo_slope, sp = mean_spread([bias_slope(r) for r in ppo_runs])
+        all_slope, alls = mean_spread([slope(r["position"]["advantages"]) for r in ppo_runs])
+        reach = reached(ppo_runs)
+        head = adv[:reach] if reach else adv
+        ok = ppo_slope < 0 and len(head) >= 2 and head[0] > head[-1]
+        where = (f"over the {reach} buckets every response fills (positions < {reach} x bucket size)" if reach
+                 else "over every bucket (the runs did not log their shortest response)")
         numbers = (f"mean advantage by position bucket over the first RL steps: "
-                   f"{', '.join(f'{a:+.3f}' for a in adv)}; slope per bucket {_fmt(ppo_slope, sp, 4)} "
-                   f"(rule: slope < 0 and first bucket > last)")
-        out.append(Claim(title, src, REPRODUCED if ok else NOT_REPRODUCED, numbers,
-                         "" if ok else "the advantages do not fall with position at the start of RL."))
+                   f"{', '.join(f'{a:+.3f}' for a in adv)}; slope per bucket {where} {_fmt(ppo_slope, sp, 4)} "
+                   f"(rule: slope < 0 and first bucket > last); over every bucket {_fmt(all_slope, alls, 4)}")
+        vals = _mean_curve(ppo_runs, lambda r: r["position"]["values"])
+        vhead = vals[:reach] if reach else vals
+        rise = (f"the critic's values (from the reward model) go {vhead[0]:+.3f} -> {vhead[-1]:+.3f} over the same "
+                f"buckets" if len(vhead) >= 2 else "")
+        numbers += f"; {rise}" if rise else ""
+        reading = "the advantages do not fall with position at the start of RL"
+        if rise:
+            reading += (f"; §3.2's mechanism needs a reward model that scores earlier, less complete prefixes "
+                        f"lower, so that the values rise along the response: here {rise}")
+        out.append(Claim(title, src, REPRODUCED if ok else NOT_REPRODUCED, numbers, "" if ok else reading + "."))
 
     title = "Value pretraining removes the position bias and shows a two-stage value-loss curve"
     src = "VC-PPO §4.3, Fig. 5-6"
@@ -164,15 +198,18 @@ def claims(results: Results) -> list[Claim]:
     if not vc_runs or not vloss or not math.isfinite(ppo_slope):
         out.append(Claim(title, src, NOT_RUN, "needs finished PPO and VC-PPO runs with value pretraining"))
     else:
-        vc_slope, vs = mean_spread([slope(r["position"]["advantages"]) for r in vc_runs])
-        removed = abs(vc_slope) < BIAS_REMOVED * abs(ppo_slope)
+        vc_slope, vs = mean_spread([bias_slope(r) for r in vc_runs])
+        biased = ppo_slope < 0
+        removed = biased and abs(vc_slope) < BIAS_REMOVED * abs(ppo_slope)
         staged, text = two_stage(vloss)
         ev = _mean_curve(vc_runs, lambda r: r.get("value_pretrain", {}).get("explained_variance"))
-        numbers = (f"advantage slope per bucket VC-PPO {_fmt(vc_slope, vs, 4)} vs PPO {ppo_slope:+.4f} "
-                   f"(rule |VC-PPO| < {BIAS_REMOVED} x |PPO|); {text}"
+        numbers = (f"advantage slope per bucket (buckets every response fills) VC-PPO {_fmt(vc_slope, vs, 4)} vs "
+                   f"PPO {ppo_slope:+.4f} (rule: PPO's < 0 and |VC-PPO| < {BIAS_REMOVED} x |PPO|); {text}"
                    + (f"; explained variance {ev[0]:.3f} -> {ev[-1]:.3f}" if ev else ""))
         reading = []
-        if not removed:
+        if not biased:
+            reading.append("PPO's advantages show no bias of the paper's sign to remove")
+        elif not removed:
             reading.append("the VC-PPO advantages keep a position trend comparable to PPO's")
         if not staged:
             reading.append("the value loss does not show a fast-then-slow decline")
@@ -297,7 +334,7 @@ def _pair_figure(plt: Any, items: list[tuple[str, list[dict[str, Any]]]], quanti
 
 
 def draw_figures(studies: list[Study], results: Results, fig_dir: Path, bucket_size: int) -> dict[str, list[Path]]:
-    """PNG figures per study: length and accuracy over RL steps, advantage and value by position in the
+    """PNG figures per study: length, sampled (avg@k) and greedy accuracy over RL steps, advantage and value by position in the
     first RL steps, value loss and explained variance during value pretraining."""
     import matplotlib
 
@@ -317,7 +354,8 @@ def draw_figures(studies: list[Study], results: Results, fig_dir: Path, bucket_s
         avg = avg_name([r for _, rs in arms for r in rs])
         for what, getter, ylabel in (
                 ("length", lambda r: r.get("length"), "mean response length (tokens)"),
-                ("accuracy", lambda r: r.get("eval", {}).get(avg), f"held-out {avg}")):
+                ("accuracy", lambda r: r.get("eval", {}).get(avg), f"held-out {avg}"),
+                ("greedy", lambda r: r.get("greedy"), "held-out greedy accuracy")):
             fig, ax = plt.subplots(figsize=(7, 4))
             for name, runs in arms:
                 curves = [c for r in runs if (c := getter(r))]
@@ -360,7 +398,8 @@ def write_report(path: Path, *, studies: list[Study], selected: list[str], resul
     verdicts = claims(results)
     lines = [header, "", "## Claims", "",
              "Each verdict is computed by tools/study_report.py from the runs below with rules fixed before the "
-             "runs (stated with the numbers); NOT RUN means an arm it needs has no finished run.", ""]
+             "runs (stated with the numbers); NOT RUN means an arm it needs has no finished run.", "",
+             RULE_CHANGES, ""]
     for c in verdicts:
         lines += [f"### {c.title} ({c.source})", "", f"**Verdict: {c.verdict}**", "", f"Numbers: {c.numbers}", ""]
         if c.verdict == NOT_REPRODUCED:

@@ -203,28 +203,29 @@ WALK = ["trainer.sft_steps=0", "trainer.value_pretrain_steps=1", "trainer.num_st
 ], ids=["32b_settings", "level1_no_offload"])
 def test_trainer_colocation_calls_follow_the_memory_timeline(tmp_path, monkeypatch, ledger, settings):
     from dist_utils import one_gloo_rank
-    from vcppo_megatron.trainer import loop
+    from vcppo_megatron.trainer import checkpointing, loop
 
     cfg = load_config(ROOT / "examples" / "tiny_cpu.yaml", WALK + settings + [f"trainer.output_dir={tmp_path}"])
     _record_engines(monkeypatch, ledger)
     monkeypatch.setattr(loop, "RolloutEngine", FakeVLLM)
-    save = loop.save_checkpoint
+    save = checkpointing.save_checkpoint
 
     def rec_save(*args, **kw):
         ledger.note("checkpoint")
         return save(*args, **kw)
 
-    monkeypatch.setattr(loop, "save_checkpoint", rec_save)
+    monkeypatch.setattr(checkpointing, "save_checkpoint", rec_save)
     with one_gloo_rank():
         summary = loop.Trainer(cfg).run()
     assert "accuracy_after" in summary
     timeline = Timeline.from_config(cfg)
     seen = check_against_timeline(ledger.events, timeline)
     # 2 checkpoints before vLLM starts; vLLM's start and first sync; 1 value-pretraining step (critic
-    # forward + update) and 2 RL steps (2 forwards, 2 updates, a sync); 7 generations (3 steps, 4
-    # evaluations) and 5 checkpoints between steps, in the rollout phase
+    # forward + update) and 2 RL steps (2 forwards, 2 updates, a sync); 8 generations (3 steps, 5
+    # evaluations: greedy before RL, greedy and sampled at step 1 and after RL) and 5 checkpoints
+    # between steps, in the rollout phase
     assert seen == {"load": 2, "startup": 1, "experience": 5, "actor_update": 4, "critic_update": 6, "sync": 3,
-                    "rollout": 12}, seen
+                    "rollout": 13}, seen
     sleeps = [d for k, d, _ in ledger.events if k == "sleep"]
     level = timeline.sleep_level
     assert sleeps == [level, min(level, 1), level, level], sleeps    # value pretraining keeps vLLM's weights

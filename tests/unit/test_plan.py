@@ -144,7 +144,7 @@ def test_preemption_margin_by_hand():
     measured = preemption.preemption_margin(cfg, 64, actor, critic, step_seconds=1800, write_bytes_per_s=20e9)
     assert measured.step_s == 1800 and measured.checkpoint_s == pytest.approx(m.checkpoint_bytes / 20e9)
     evals = preemption.preemption_margin(load_config(RECIPES[1], ["trainer.eval_every_steps=10"]), 64, actor, critic)
-    assert evals.eval_s == pytest.approx(64 * 32 * 21504 / (64 * preemption.TOKENS_PER_S_PER_GPU))
+    assert evals.eval_s == pytest.approx(64 * (32 + 1) * 21504 / (64 * preemption.TOKENS_PER_S_PER_GPU))  # + greedy
     with pytest.raises(ValueError, match="expected positive numbers"):
         preemption.preemption_margin(cfg, 64, actor, critic, write_bytes_per_s=0)
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--config", str(RECIPES[1]), "--nodes",

@@ -5,6 +5,7 @@ verdicts, figures) from synthetic TensorBoard data."""
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,6 +80,17 @@ def test_identical_settings_run_once(plan):
     assert len({r.key for r in plan.runs}) == 16
 
 
+def test_arm_selection_keeps_the_named_arms_runs_with_their_keys(studies, plan, tmp_path):
+    some = reproduce.make_plan(studies, ["vapo-table1"], recipe=RECIPE, base_overrides=(), out=tmp_path,
+                               seeds=[1234], nproc=2, arms=["VAPO", "Vanilla PPO"])
+    assert [r.members for r in some.runs] == [[("vapo-table1", "VAPO")], [("vapo-table1", "Vanilla PPO")]]
+    full = {tuple(m for m in r.members if m[0] == "vapo-table1"): r.key for r in plan.runs}
+    assert [r.key for r in some.runs] == [full[(("vapo-table1", "VAPO"),)], full[(("vapo-table1", "Vanilla PPO"),)]]
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "reproduce.py"), "--study", "vcppo-table2", "--arm",
+                          "VAPO"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--arm 'VAPO': not an arm of vcppo-table2; expected one of GRPO," in bad.stderr
+
+
 def test_keys_follow_the_settings_and_the_stages_they_build_on(studies, plan, tmp_path):
     again = reproduce.make_plan(studies, list(studies), recipe=RECIPE, base_overrides=(), out=tmp_path,
                                 seeds=[1234], nproc=2)
@@ -123,7 +135,7 @@ elif kind == "arm":
         for b in range(3):
             add(f"rl/position/advantages/bucket_{b:02d}", 0.3 - 0.2 * b, s)
     add("eval/synthetic_eval/avg@4", 0.35, 4); add("eval/synthetic_eval/pass@4", 0.6, 4)
-    add("eval/accuracy", 0.3, 0); add("eval/accuracy", 0.32, 4)
+    add("eval/accuracy", 0.3, 0); add("eval/accuracy", 0.31, 2); add("eval/accuracy", 0.32, 4)
 w.close()
 '''
 
@@ -195,15 +207,16 @@ def test_report_from_fake_runs_has_every_arm_and_a_verdict_per_claim(fake_runner
     assert next(c for c in verdicts if "biased by token position" in c.title).verdict == study_report.REPRODUCED
     figs = sorted(p.name for p in (tmp_path / "reproduction").iterdir())
     assert "vcppo-table2_length.png" in figs and "vcppo-table2_position.png" in figs
+    assert "vcppo-table2_greedy.png" in figs                    # greedy accuracy over steps
     assert all((tmp_path / "reproduction" / f).stat().st_size > 1000 for f in figs)
 
 
 # ---- verdict rules on synthetic summaries -------------------------------------------------------
-def _summary(lengths, avg, start=0.3, adv=(0.0, 0.0, 0.0), vloss=None) -> dict:
+def _summary(lengths, avg, start=0.3, adv=(0.0, 0.0, 0.0), vloss=None, reached=None, values=()) -> dict:
     s = {"length": {"steps": list(range(len(lengths))), "values": lengths, "first": lengths[0],
                     "min": min(lengths), "last": lengths[-1]},
          "eval": {"avg@4": {"steps": [0, 10], "values": [start, avg]}},
-         "position": {"advantages": list(adv), "values": [], "returns": []}}
+         "position": {"advantages": list(adv), "values": list(values), "returns": [], "reached": reached}}
     if vloss is not None:
         s["value_pretrain"] = {"steps": list(range(len(vloss))), "value_loss": vloss, "explained_variance": []}
     return s
@@ -230,6 +243,32 @@ def test_claims_follow_the_rules():
     assert c["Value-pretraining le"].verdict == study_report.NOT_RUN
 
 
+def test_position_bias_is_judged_over_the_buckets_every_response_fills():
+    # every response fills buckets 0-2; bucket 3 holds only the longest, wrong responses: the
+    # all-bucket slope is negative, the slope over the filled buckets positive (no bias of the paper's sign)
+    loss = [1.0, 0.5, 0.3, 0.25, 0.24, 0.23, 0.22, 0.21]
+    flat = (-0.1, -0.1, -0.1, 0.2)
+    results = {
+        ("vcppo-table2", "PPO"): [_summary([150, 150], 0.3, adv=(-0.1, -0.05, 0.0, -4.0), reached=3, values=flat),
+                                  _summary([150, 150], 0.3, adv=(-0.12, -0.06, 0.01, -3.5), reached=3, values=flat)],
+        ("vcppo-table2", "VC-PPO"): [_summary([150, 150], 0.5, adv=(0.0, 0.0, 0.0, -3.0), reached=3, vloss=loss),
+                                     _summary([150, 150], 0.5, adv=(0.0, 0.0, 0.0, -3.0), reached=3, vloss=loss)],
+    }
+    c = {x.title[:20]: x for x in study_report.claims(results)}
+    bias = c["PPO's advantages are"]
+    assert bias.verdict == study_report.NOT_REPRODUCED, bias.numbers
+    assert "over the 3 buckets every response fills" in bias.numbers and "slope per bucket" in bias.numbers
+    assert "-0.100 -> -0.100" in bias.reading                  # the reward model's values are flat
+    assert study_collect.slope([-0.1, -0.05, 0.0, -4.0]) < 0   # what the all-bucket rule would have said
+    removed = c["Value pretraining re"]
+    assert removed.verdict == study_report.NOT_REPRODUCED and "no bias of the paper's sign" in removed.reading
+    # without the shortest length (older runs) every bucket counts, and the report says so
+    for r in results[("vcppo-table2", "PPO")]:
+        r["position"]["reached"] = None
+    bias = next(x for x in study_report.claims(results) if x.title.startswith("PPO's advantages"))
+    assert bias.verdict == study_report.REPRODUCED and "over every bucket (the runs did not log" in bias.numbers
+
+
 def test_two_stage_and_spread_helpers():
     assert study_report.two_stage([1.0, 0.5, 0.3, 0.25, 0.24, 0.23, 0.22, 0.21])[0]
     assert not study_report.two_stage([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])[0]     # one straight line
@@ -248,10 +287,15 @@ def test_summary_reads_tensorboard_events(tmp_path):
         w.add_scalar("rl/position/advantages/bucket_01", -1.0, s)
         w.add_scalar("value_pretrain/critic/value_loss", 1.0 / (s + 1), s)
         w.add_scalar("value_pretrain/critic/explained_variance", 0.1 * s, s)
+        w.add_scalar("rl/response_length/min", 40 - s if s < 5 else 3, s)    # steps 0-4: shortest 36
     w.add_scalar("eval/gsm/avg@8", 0.4, 3)
+    for step, acc in ((0, 0.5), (3, 0.75), (6, 0.25)):
+        w.add_scalar("eval/accuracy", acc, step)
     w.close()
     s = study_collect.summarize_run(study_collect.read_scalars(tmp_path),
-                                    {"eval/gsm/avg@8": {0: 0.25}})
+                                    {"eval/gsm/avg@8": {0: 0.25}}, bucket_size=16)
+    assert s["greedy"] == {"before": 0.5, "after": 0.25, "steps": [0, 3, 6], "values": [0.5, 0.75, 0.25]}
+    assert s["position"]["reached"] == 2          # 36 tokens fill buckets [0, 16) and [16, 32)
     assert s["position"]["advantages"] == [pytest.approx(3.0), -1.0]       # mean of the first 5 steps
     assert s["eval"]["avg@8"] == {"steps": [0, 3], "values": [0.25, pytest.approx(0.4)]}
     assert len(s["value_pretrain"]["value_loss"]) == 7 and "length" not in s

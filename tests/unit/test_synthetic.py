@@ -169,3 +169,22 @@ def test_chain_task_report_classifies_where_a_chain_goes_wrong():
              "<think>7+b3=10,10+c9=19,19+d2=21,21+e0=21</think>\\boxed{21}": (3, "chain ran long")}
     for text, want in cases.items():
         assert report.classify(text, q) == want, text
+
+
+def test_chain_sums_terms_value_ceiling_matches_a_simulated_critic():
+    """The explained variance of a critic that predicts E[reward | number of terms], by simulation
+    (float64, rewards ±1 as the verifier gives), equals the closed form the report quotes."""
+    import numpy as np
+
+    from vcppo_megatron.data.chain_sums import SFT_SAMPLED_ACCURACY, terms_value_ceiling
+
+    rng = np.random.default_rng(0)
+    terms = np.array(sorted(SFT_SAMPLED_ACCURACY))
+    p = np.array([SFT_SAMPLED_ACCURACY[t] for t in terms])
+    which = rng.integers(0, len(terms), 2_000_000)
+    reward = np.where(rng.random(which.size) < p[which], 1.0, -1.0)
+    value = 2 * p[which] - 1                                     # E[reward | terms]
+    ev = 1 - np.var(reward - value) / np.var(reward)
+    assert abs(ev - terms_value_ceiling()) < 2e-3, (ev, terms_value_ceiling())
+    assert 0.01 < terms_value_ceiling() < 0.03
+    assert terms_value_ceiling({1: 0.0, 2: 1.0}) == 1.0 and terms_value_ceiling({1: 0.5, 2: 0.5}) == 0.0

@@ -298,7 +298,7 @@ class TrainerConfig:
     keep_checkpoint_steps: tuple[int, ...] = param((), ge=0)
     """Global steps whose checkpoints retention never deletes, e.g. value-pretraining checkpoints to start other runs from with `value_checkpoint` (VC-PPO ablates 50 / 100 / 150 steps)."""
     eval_every_steps: int = param(0, ge=0)
-    """RL steps between sampled evaluations on the held-out set (avg@k, pass@k); 0: only before and after RL."""
+    """RL steps between evaluations on the held-out set (greedy accuracy, avg@k, pass@k); 0: only before and after RL (greedy) and after RL (sampled)."""
     eval_samples: int = param(32, ge=1)
     """Samples per held-out problem in the sampled evaluation (VAPO: avg@32)."""
     eval_temperature: float = param(1.0, gt=0)

@@ -11,8 +11,8 @@ write a checkpoint, then exit and let the shell requeue the job:
                    step has every response at max length: global_prompts_per_step x samples_per_prompt
                    x (max_prompt_tokens + max_response_tokens); or a measured step time (the largest
                    `time/step_s` of the run) when given
-    T_eval       = eval_problems x eval_samples x (max_prompt_tokens + max_response_tokens) / (GPUs x
-                   tokens per second per GPU), when trainer.eval_every_steps > 0, else 0
+    T_eval       = eval_problems x (eval_samples + 1 greedy) x (max_prompt_tokens + max_response_tokens) /
+                   (GPUs x tokens per second per GPU), when trainer.eval_every_steps > 0, else 0
     T_checkpoint = checkpoint bytes / file-system write bandwidth; an RL checkpoint holds the actor
                    and the critic, each with its weights (params_dtype) and its optimizer state (fp32
                    master weights + Adam m, v = 12 bytes per parameter)
@@ -96,6 +96,6 @@ def preemption_margin(cfg: Config, world: int, actor_params: int, critic_params:
     step_tokens = cfg.batch.global_prompts_per_step * cfg.batch.samples_per_prompt * seq
     step_s = step_seconds if step_seconds is not None else step_tokens / rate
     tc = cfg.trainer
-    eval_s = tc.eval_problems * tc.eval_samples * seq / rate if tc.eval_every_steps else 0.0
+    eval_s = tc.eval_problems * (tc.eval_samples + 1) * seq / rate if tc.eval_every_steps else 0.0
     ckpt = checkpoint_bytes(cfg, actor_params, critic_params)
     return PreemptionMargin(step_s, eval_s, ckpt / write_bytes_per_s, EXIT_SECONDS, ckpt, step_seconds is not None)

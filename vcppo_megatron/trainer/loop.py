@@ -31,15 +31,6 @@ import torch.distributed as dist
 from vcppo_megatron.algorithms.advantages import compute_advantages, needs_critic
 from vcppo_megatron.algorithms.metrics import MetricAccumulator
 from vcppo_megatron.algorithms.position_stats import PositionStats
-from vcppo_megatron.checkpoint import HF_SUBDIR, copy_hf_files
-from vcppo_megatron.checkpoint.dist import (
-    layout_of,
-    load_checkpoint,
-    read_checkpoint_meta,
-    resolve_checkpoint_dir,
-    save_checkpoint,
-)
-from vcppo_megatron.checkpoint.retention import prune_paired, resume_paired
 from vcppo_megatron.config import ConfigError, derive_batch_sizes
 from vcppo_megatron.config.schema import Config
 from vcppo_megatron.data.prompts import PromptOrder
@@ -55,6 +46,7 @@ from vcppo_megatron.rollout.sync import (
     sync_to_rollout,
 )
 from vcppo_megatron.trainer import setup
+from vcppo_megatron.trainer.checkpointing import RunCheckpoints
 from vcppo_megatron.trainer.colocation import Colocation, rollout_memory
 from vcppo_megatron.trainer.evaluation import held_out_metrics, per_problem, sampling, split_by_set
 from vcppo_megatron.trainer.experience import (
@@ -73,30 +65,6 @@ from vcppo_megatron.trainer.ppo import (
 from vcppo_megatron.trainer.signals import CheckpointRequest
 
 PHASES = ("sft", "value_pretrain", "rl", "done")
-
-
-def _optimizer_if_stepped(engine: Any) -> Any:
-    """The engine's optimizer if it holds Adam state (a fresh one has none to save)."""
-    optimizer = engine.core.optimizer
-    chained = getattr(optimizer, "chained_optimizers", [optimizer])
-    return optimizer if any(opt.optimizer.state for opt in chained) else None
-
-
-def _load_engine(path: Path, engine: Any, pgs: Any, model_config: Any) -> dict[str, Any]:
-    """Load an engine's checkpoint, with its optimizer state when the checkpoint has one.
-
-    Saved at another layout (TP / PP / world size), the RNG states are not restored (they are per
-    rank) and the optimizer state loads only if it was saved `fully_reshardable`.
-    """
-    meta = read_checkpoint_meta(path)
-    here = layout_of(pgs)
-    same_layout = all(meta["layout"][k] == here[k] for k in ("tp", "pp", "world_size"))
-    if not same_layout and dist.get_rank() == 0:
-        print(f"== {path} was saved at layout {meta['layout']}, this run is {here}: its RNG states are not "
-              f"restored, so later metrics will not match an uninterrupted run exactly", flush=True)
-    return load_checkpoint(path, model=engine.core.model, pg_collection=pgs,
-                           optimizer=engine.core.optimizer if meta["contents"]["optimizer"] else None,
-                           scheduler=engine.core.scheduler, model_config=model_config, load_rng=same_layout)
 
 
 def _peak_memory_gb() -> float:
@@ -154,6 +122,9 @@ class Trainer:
                                   attention_backend=LAYER_SPEC_BACKENDS[cfg.critic.layer_spec],
                                   params_dtype=getattr(torch, cfg.critic.params_dtype),
                                   **self._parallel_options(cfg.critic.parallel)) if needs_critic(cfg.algo) else None
+        self.checkpoints = RunCheckpoints(cfg, self.ckpt_root, actor=self.actor, actor_pgs=self.actor_pgs,
+                                          actor_hf_config=self.hf_config, model_dir=self.model_dir,
+                                          critic=self.critic, critic_pgs=self.critic_pgs, say=self._print)
         self.writer = MetricWriter(self.out / "tensorboard", enabled=self.rank == self.log_rank)
         self.writer.run_settings(cfg, [f"eval/{h.name}/avg@{cfg.trainer.eval_samples}"           # HParams
                                        for h in self.eval_sets])
@@ -216,44 +187,18 @@ class Trainer:
         # streamed: every rank keeps only its stage's tensors, each until its parameters are loaded
         self.critic.load_hf_stream(iter_bucket_tensors(self._actor_hf_buckets()))
 
-    # ---- checkpoints -----------------------------------------------------------------------
+    # ---- checkpoints (trainer/checkpointing.py) ----------------------------------------------
     def _save(self, global_step: int, *, actor: bool) -> None:
         """Checkpoint the critic (and the actor when `actor`) with the training state."""
-        t0 = time.perf_counter()
         actor = actor or self.critic is None          # no critic: the actor's checkpoint holds the state
         if actor:
             self.state["actor_step"] = global_step
-        state = dict(self.state, global_step=global_step, data=self.order.state_dict(),
-                     summary=self.summary)
-        fmt = self.cfg.trainer.checkpoint_optimizer_format
-        if actor:
-            step_dir = save_checkpoint(self.ckpt_root / "actor", global_step, model=self.actor.core.model,
-                                       pg_collection=self.actor_pgs, optimizer=_optimizer_if_stepped(self.actor),
-                                       scheduler=self.actor.core.scheduler, training_state=state,
-                                       model_config=self.hf_config, optimizer_format=fmt)
-            if self.rank == 0:          # config + tokenizer: converters and tools/evaluate.py read them
-                copy_hf_files(self.model_dir, step_dir / HF_SUBDIR)
-        if self.critic is not None:
-            save_checkpoint(self.ckpt_root / "critic", global_step, model=self.critic.core.model,
-                            pg_collection=self.critic_pgs, optimizer=_optimizer_if_stepped(self.critic),
-                            scheduler=self.critic.core.scheduler, training_state=state,
-                            model_config=self.critic.hf_config, optimizer_format=fmt)
-        self._print(f"== checkpoint step {global_step} ({state['phase']} step {state['phase_step']}) "
-                    f"saved in {time.perf_counter() - t0:.1f}s under {self.ckpt_root}")
-        self._prune_checkpoints()
+        state = dict(self.state, global_step=global_step, data=self.order.state_dict(), summary=self.summary)
+        self.checkpoints.save(global_step, state, actor=actor)
 
     def _resume(self) -> bool:
-        """Load the newest checkpoint pair under output_dir that reads; False when there is none.
-
-        The critic checkpoint names its actor checkpoint (`actor_step`); an unreadable pair is
-        reported, set aside as `step_N.unreadable` and the next older one tried (checkpoint/retention.py).
-        Without a critic (GRPO) the actor's checkpoint holds the training state.
-        """
-        critic = self.critic
-        found = resume_paired(None if critic is None else self.ckpt_root / "critic", self.ckpt_root / "actor",
-                              lambda d: _load_engine(d, critic, self.critic_pgs, critic.hf_config),
-                              lambda d: _load_engine(d, self.actor, self.actor_pgs, self.hf_config),
-                              log=lambda text: print(text, flush=True))
+        """Continue from the newest checkpoint pair under output_dir that reads; False when there is none."""
+        found = self.checkpoints.resume()
         if found is None:
             return False
         state, critic_dir, actor_dir = found
@@ -264,27 +209,6 @@ class Trainer:
                     f"{'' if critic_dir is None else f' (actor {actor_dir.name})'}: phase {self.state['phase']}, "
                     f"{self.state['phase_step']} steps done")
         return True
-
-    def _prune_checkpoints(self) -> None:
-        """Checkpoint retention after a save (rank 0): trainer.keep_last_checkpoints, keep_checkpoint_steps."""
-        tc = self.cfg.trainer
-        if self.rank != 0 or not tc.keep_last_checkpoints:
-            return
-        protect = set(tc.keep_checkpoint_steps) | ({tc.value_pretrain_steps} if tc.value_pretrain_steps else set())
-        deleted = prune_paired(None if self.critic is None else self.ckpt_root / "critic",
-                               self.ckpt_root / "actor", tc.keep_last_checkpoints,
-                               protect)
-        if deleted:
-            print(f"== checkpoint retention (trainer.keep_last_checkpoints = {tc.keep_last_checkpoints}): deleted "
-                  + ", ".join(f"{p.parent.name}/{p.name}" for p in deleted), flush=True)
-
-    def _load_value_checkpoint(self, path: str) -> None:
-        """Start RL from a chosen value-pretraining checkpoint (weights only; an unreadable file is named)."""
-        step_dir = resolve_checkpoint_dir(path)
-        load_checkpoint(step_dir, model=self.critic.core.model, pg_collection=self.critic_pgs, load_rng=False,
-                        model_config=self.critic.hf_config)
-        self.critic.core.optimizer.reload_model_params()
-        self._print(f"== critic from the value checkpoint {step_dir} (trainer.value_checkpoint)")
 
     # ---- phase 0: SFT cold start -----------------------------------------------------------
     def _sft(self) -> None:
@@ -475,15 +399,17 @@ class Trainer:
         return split_by_set(self._gather_counts(local), [len(h.prompt_ids) for h in self.eval_sets], self.replicas)
 
     def _greedy_accuracy(self, step: int) -> float:
-        """Greedy accuracy of each held-out set (`eval/<set>/accuracy` at `step`); returns it over all sets."""
+        """Greedy accuracy of each held-out set (`eval/<set>/accuracy`) and over all sets
+        (`eval/accuracy`) at RL step `step`; returns the latter."""
         per_set = self._score_held_out(1, 0, greedy=True)
         m = {f"{h.name}/accuracy": sum(p[0] for p in rows) / len(rows) for h, rows in zip(self.eval_sets, per_set)}
+        m["accuracy"] = sum(p[0] for rows in per_set for p in rows) / sum(len(rows) for rows in per_set)
         self.writer.scalars("eval", m, step)
         if len(per_set) > 1:
             self._print(f"== greedy accuracy at RL step {step}: "
                         + ", ".join(f"{h.name} {m[h.name + '/accuracy']:.3f} ({len(h.prompt_ids)} problems)"
                                     for h in self.eval_sets))
-        return sum(p[0] for rows in per_set for p in rows) / sum(len(rows) for rows in per_set)
+        return m["accuracy"]
 
     def _sampled_eval(self, step: int) -> dict[str, float]:
         """avg@k and pass@k on each held-out set (top-p / temperature of trainer.eval_*)."""
@@ -532,6 +458,7 @@ class Trainer:
                 break
             if phase == "rl" and tc.eval_every_steps and (step + 1) % tc.eval_every_steps == 0 \
                     and step + 1 < steps:
+                self._greedy_accuracy(step + 1)          # accuracy over steps: greedy, avg@k, pass@k
                 self._sampled_eval(step + 1)
             stop = request.requested(dist.group.WORLD)
             if stop or ((step + 1) % tc.checkpoint_interval == 0 and step + 1 < steps):  # the end saves too
@@ -559,7 +486,7 @@ class Trainer:
                 self._init_critic_from_policy()
                 self.state.update(phase="value_pretrain", phase_step=0)
                 if tc.value_checkpoint is not None:
-                    self._load_value_checkpoint(tc.value_checkpoint)
+                    self.checkpoints.load_value(tc.value_checkpoint)
                     self.state["phase"] = "rl"
                 self._save(0, actor=True)
             # start-up order (memory timeline): the engines release their gradients and optimizer
@@ -581,7 +508,6 @@ class Trainer:
             if self.state["phase"] == "rl":
                 if self.state["phase_step"] == 0 and "accuracy_before" not in self.summary:
                     self.summary["accuracy_before"] = self._greedy_accuracy(0)
-                    self.writer.scalars("eval", {"accuracy": self.summary["accuracy_before"]}, 0)
                     self._print(f"== greedy accuracy before RL: {self.summary['accuracy_before']:.3f} "
                                 f"on {self._num_held_out} held-out problems")
                 if tc.num_steps and not self._phase_loop("rl", tc.num_steps, request, tc.value_pretrain_steps):
@@ -589,7 +515,6 @@ class Trainer:
                 self.state.update(phase="done", phase_step=0)
                 self._save(tc.value_pretrain_steps + tc.num_steps, actor=True)
         self.summary["accuracy_after"] = self._greedy_accuracy(tc.num_steps)
-        self.writer.scalars("eval", {"accuracy": self.summary["accuracy_after"]}, tc.num_steps)
         final = self._sampled_eval(tc.num_steps)
         self.writer.close()
         self.summary.update(final_eval=final, wall_time_s=time.perf_counter() - t0,
