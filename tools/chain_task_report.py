@@ -1,11 +1,13 @@
 """How a policy does on the `chain_sums` task (data/chain_sums.py): the figures its design is judged by.
 
-    python tools/chain_task_report.py --model DIR [--problems 256] [--samples 4] [--out report.json]
+    python tools/chain_task_report.py --model DIR [--graded] [--problems 256] [--samples 4] [--out report.json]
 
 DIR is an HF directory or a Megatron checkpoint (a run's `checkpoints/actor`: converted first, as in
 tools/evaluate.py). On held-out problems (the trainer's eval seed for `--seed`) it reports, greedy
 and sampled (temperature 1, top-p 1, the RL rollout's setting):
-- accuracy overall and by number of terms (the difficulty the prompt shows);
+- accuracy overall and by number of terms (the difficulty the prompt shows), and by pace tag with
+  `--graded` (`chain_sums_graded`); `value_ceiling`: the explained variance of a critic that knew
+  the sampled accuracy of each number of terms (and pace), `chain_sums.terms_value_ceiling`;
 - response length: mean, min, max, of all and of correct responses, and the truncated fraction;
 - where wrong chains first go wrong (the step and kind: a total miscalculated, a term copied wrong,
   a step skipped or the chain stopped early / run long, or a malformed step);
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the report; print it and return it (written as JSON with --out)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--graded", action="store_true", help="the chain_sums_graded task (pace-tagged prompts)")
     p.add_argument("--problems", type=int, default=256)
     p.add_argument("--samples", type=int, default=4, help="sampled responses per problem")
     p.add_argument("--seed", type=int, default=1235, help="problem seed (the trainer's held-out set: seed + 1)")
@@ -101,9 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="chain_report_") as work:
         model_dir = resolve_model_dir(args.model, Path(work))
         tok = AutoTokenizer.from_pretrained(str(model_dir))
-        problems = chain_sums.make_problems(args.problems, args.seed)
+        make = chain_sums.make_graded_problems if args.graded else chain_sums.make_problems
+        problems = make(args.problems, args.seed)
         prompts = [tok(q.prompt, add_special_tokens=False)["input_ids"] for q in problems]
-        cfg = RolloutConfig(temperature=1.0, top_p=1.0, max_prompt_tokens=chain_sums.prompt_tokens(),
+        cfg = RolloutConfig(temperature=1.0, top_p=1.0, max_prompt_tokens=chain_sums.prompt_tokens(args.graded),
                             max_response_tokens=chain_sums.response_tokens() + 16, dtype="float32",
                             kv_cache_bytes=args.kv_cache_bytes)
         engine = RolloutEngine(model_dir, cfg, seed=0, pad_token_id=tok.pad_token_id)
@@ -113,12 +117,15 @@ def main(argv: list[str] | None = None) -> dict:
         for mode, n, greedy in (("greedy", 1, True), ("sampled", args.samples, False)):
             batch = engine.generate(prompts, n, greedy=greedy, seed=7, stop_token_ids=[tok.eos_token_id])
             by_terms: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+            by_cell: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])     # (pace, terms)
             lengths, right_lengths, kinds, first = [], [], Counter(), Counter()
             for i, ids, reason in zip(batch.prompt_index.tolist(), batch.response_token_ids, batch.finish_reasons):
                 q, text = problems[i], decode(ids)
                 ok = math_reward(text, q.answer) > 0
                 by_terms[len(q.terms)][0] += ok
                 by_terms[len(q.terms)][1] += 1
+                by_cell[q.pace, len(q.terms)][0] += ok
+                by_cell[q.pace, len(q.terms)][1] += 1
                 lengths.append(len(ids))
                 if ok:
                     right_lengths.append(len(ids))
@@ -130,6 +137,11 @@ def main(argv: list[str] | None = None) -> dict:
             report[mode] = {
                 "accuracy": sum(v[0] for v in by_terms.values()) / total,
                 "accuracy_by_terms": {k: v[0] / v[1] for k, v in sorted(by_terms.items())},
+                "accuracy_by_pace": {p: sum(v[0] for (q, _), v in by_cell.items() if q == p)
+                                     / sum(v[1] for (q, _), v in by_cell.items() if q == p)
+                                     for p in sorted({q for q, _ in by_cell}) if p},
+                "value_ceiling": chain_sums.terms_value_ceiling({k: v[0] / v[1] for k, v in by_cell.items()},
+                                                                {k: v[1] for k, v in by_cell.items()}),
                 "length_mean": sum(lengths) / len(lengths), "length_min": min(lengths), "length_max": max(lengths),
                 "correct_length_min": min(right_lengths, default=0),
                 "correct_length_mean": sum(right_lengths) / max(len(right_lengths), 1),

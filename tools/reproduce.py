@@ -303,6 +303,38 @@ def _rm_metrics(plan: Plan, seed: int) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if is_done(rm_dir(plan, seed), plan.rm_key) and path.is_file() else None
 
 
+def _seconds(directory: Path) -> float | None:
+    """Wall time a finished stage took (DONE.json), None if unknown."""
+    try:
+        return float(json.loads((directory / DONE).read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def compute_text(plan: Plan, studies: dict[str, Any]) -> str:
+    """Wall time of the finished stages: per study (its SFT / reward-model stages and distinct runs,
+    over the seeds) and for everything; the 2-core machine's load while they ran is not controlled."""
+    all_plan = make_plan(studies, list(studies), recipe=plan.recipe, base_overrides=plan.base_overrides,
+                         out=plan.out, seeds=plan.seeds, nproc=plan.nproc)
+
+    def total(p: Plan) -> tuple[float, int, int]:
+        need_rm = any(r.reward_model for r in p.runs)
+        dirs = [(sft_dir(p, s), p.sft_key) for s in p.seeds]
+        dirs += [(rm_dir(p, s), p.rm_key) for s in p.seeds] if need_rm else []
+        dirs += [(run_dir(p, r, s), r.key) for s in p.seeds for r in p.runs]
+        done = [_seconds(d) for d, key in dirs if is_done(d, key)]
+        return sum(t for t in done if t is not None), len(done), len(dirs)
+
+    lines = ["| study | stages finished | wall time of the finished stages |", "|---|---|---|"]
+    for name in studies:
+        t, n, of = total(make_plan(studies, [name], recipe=plan.recipe, base_overrides=plan.base_overrides,
+                                   out=plan.out, seeds=plan.seeds, nproc=plan.nproc))
+        lines.append(f"| {name} | {n}/{of} | {_hms(t)} |")
+    t, n, of = total(all_plan)
+    lines.append(f"| all studies (shared stages once) | {n}/{of} | {_hms(t)} |")
+    return "\n".join(lines)
+
+
 def per_seed_text(plan: Plan, studies: dict[str, Any], results: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
     """Every finished stage, seed by seed: the shared SFT policy and reward model, then each run."""
     from study_collect import final_eval, read_scalars, summarize_run
@@ -311,16 +343,19 @@ def per_seed_text(plan: Plan, studies: dict[str, Any], results: dict[tuple[str, 
     all_plan = make_plan(studies, list(studies), recipe=plan.recipe, base_overrides=plan.base_overrides,
                          out=plan.out, seeds=plan.seeds, nproc=plan.nproc)
     lines = ["| seed | SFT policy: held-out greedy / sampled evaluation | reward model: held-out AUC, samples "
-             "correct |", "|---|---|---|"]
+             "correct | wall time SFT / reward model |", "|---|---|---|---|"]
     for seed in plan.seeds:
         if not is_done(sft_dir(all_plan, seed), all_plan.sft_key):
-            lines.append(f"| {seed} | not run | not run |")
+            lines.append(f"| {seed} | not run | not run | - |")
             continue
         sft = summarize_run(read_scalars(sft_dir(all_plan, seed) / "tensorboard"))
         evals = ", ".join(f"{k} {v['values'][-1]:.3f}" for k, v in sorted(sft["eval"].items()))
         rm = _rm_metrics(all_plan, seed)
         rm_text = f"{rm['eval_auc']:.3f}, {rm['eval_accuracy']:.3f}" if rm else "not run"
-        lines.append(f"| {seed} | greedy {sft.get('greedy', {}).get('after', float('nan')):.3f}; {evals} | {rm_text} |")
+        times = " / ".join(_hms(t) if (t := _seconds(d)) is not None else "-"
+                           for d in (sft_dir(all_plan, seed), rm_dir(all_plan, seed)))
+        lines.append(f"| {seed} | greedy {sft.get('greedy', {}).get('after', float('nan')):.3f}; {evals} | {rm_text} "
+                     f"| {times} |")
     rows = {}
     for (study, arm), runs in results.items():
         for r in runs:
@@ -330,14 +365,16 @@ def per_seed_text(plan: Plan, studies: dict[str, Any], results: dict[tuple[str, 
         return "\n".join(lines + ["", "No finished arm runs."])
     avg, pas = avg_name(everything) or "avg@k", pass_name(everything) or "pass@k"
     lines += ["", f"| seed | run | arms | {avg} start → final | {pas} final | greedy before → after | "
-              "length first / min / last |", "|---|---|---|---|---|---|---|"]
+              "length first / min / last | wall time |", "|---|---|---|---|---|---|---|---|"]
     for (seed, key), (r, names) in sorted(rows.items()):
         a, p = final_eval(r, avg) if avg else None, final_eval(r, pas) if pas else None
         g, ln = r.get("greedy"), r.get("length")
         lines.append(f"| {seed} | `{key}` | {'<br>'.join(names)} | "
                      + (f"{a[0]:.3f} → {a[1]:.3f}" if a else "-") + " | " + (f"{p[1]:.3f}" if p else "-") + " | "
                      + (f"{g['before']:.3f} → {g['after']:.3f}" if g else "-") + " | "
-                     + (f"{ln['first']:.1f} / {ln['min']:.1f} / {ln['last']:.1f}" if ln else "-") + " |")
+                     + (f"{ln['first']:.1f} / {ln['min']:.1f} / {ln['last']:.1f}" if ln else "-") + " | "
+                     + (_hms(t) if (t := _seconds(plan.out / f"seed_{seed}" / f"run_{key}")) is not None else "-")
+                     + " |")
     return "\n".join(lines)
 
 
@@ -397,7 +434,7 @@ def report(plan: Plan, studies: dict[str, Any], selected: list[str], argv: list[
               "± is the sample standard deviation over seeds." + task_note(task))
     return write_report(path, studies=list(studies.values()), selected=selected, results=results,
                         seeds=len(plan.seeds), header=header, settings=settings_text(plan, studies, argv),
-                        per_seed=per_seed_text(plan, studies, results),
+                        per_seed=per_seed_text(plan, studies, results), compute=compute_text(plan, studies),
                         bucket_size=bucket)
 
 

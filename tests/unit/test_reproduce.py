@@ -269,6 +269,29 @@ def test_position_bias_is_judged_over_the_buckets_every_response_fills():
     assert bias.verdict == study_report.REPRODUCED and "over every bucket (the runs did not log" in bias.numbers
 
 
+def test_arms_are_compared_by_their_per_seed_differences():
+    """The arms of a seed share the SFT policy: VC-PPO 0.05 above the coupled arm on each of 3 seeds
+    whose SFT policies differ widely beats it (paired), though the unpaired spread would hide it."""
+    def runs(finals, seeds=(1, 2, 3)):
+        return [dict(_summary([150, 150], f, start=f - 0.1), seed=k) for k, f in zip(seeds, finals)]
+
+    base = [0.1, 0.5, 0.9]
+    results = {("vcppo-table2", "VC-PPO"): runs([b + 0.05 for b in base]),
+               ("vcppo-table2", "VC-PPO w/o Decoupled-GAE"): runs(base)}
+    claim = next(c for c in study_report.claims(results) if c.title.startswith("Decoupled GAE"))
+    assert claim.verdict == study_report.REPRODUCED, claim.numbers
+    assert "paired over 3 seeds: difference +0.050 ± 0.000" in claim.numbers
+    # on different seeds the comparison is unpaired, and the spread of the SFT policies hides the gap
+    results[("vcppo-table2", "VC-PPO")] = runs([b + 0.05 for b in base], seeds=(4, 5, 6))
+    claim = next(c for c in study_report.claims(results) if c.title.startswith("Decoupled GAE"))
+    assert claim.verdict == study_report.NOT_REPRODUCED and "unpaired: difference +0.050" in claim.numbers
+    # a position slope below zero but within its standard error is not a bias
+    ppo = [dict(_summary([150, 150], 0.3, adv=adv, reached=3), seed=k)
+           for k, adv in ((1, (0.02, 0.0, -0.01)), (2, (-0.02, 0.0, 0.01)), (3, (0.0, 0.0, -0.005)))]
+    bias = next(c for c in study_report.claims({("vcppo-table2", "PPO"): ppo}) if c.title.startswith("PPO's adv"))
+    assert bias.verdict == study_report.NOT_REPRODUCED and "by more than its standard error" in bias.numbers
+
+
 def test_two_stage_and_spread_helpers():
     assert study_report.two_stage([1.0, 0.5, 0.3, 0.25, 0.24, 0.23, 0.22, 0.21])[0]
     assert not study_report.two_stage([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])[0]     # one straight line

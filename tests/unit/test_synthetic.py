@@ -188,3 +188,62 @@ def test_chain_sums_terms_value_ceiling_matches_a_simulated_critic():
     assert abs(ev - terms_value_ceiling()) < 2e-3, (ev, terms_value_ceiling())
     assert 0.01 < terms_value_ceiling() < 0.03
     assert terms_value_ceiling({1: 0.0, 2: 1.0}) == 1.0 and terms_value_ceiling({1: 0.5, 2: 0.5}) == 0.0
+
+
+def test_chain_sums_graded_tags_the_prompt_and_scales_the_slips():
+    """chain_sums_graded: the chain_sums problems (same terms, same chains), each prompt opened by a
+    pace tag drawn uniformly; the demonstrations slip at SLIP_RATES x the pace's factor, so their
+    success rate by pace follows `demonstration_success`; the task fits its token bounds."""
+    from vcppo_megatron.data import chain_sums
+    from vcppo_megatron.data.synthetic import synthetic_task
+
+    cfg = load_config(RECIPE, ["data.task=chain_sums_graded", "rollout.max_prompt_tokens=38"])
+    task = synthetic_task(cfg.data)
+    plain, graded = chain_sums.make_problems(3000, seed=3), task.make_problems(3000, seed=3)
+    assert [g.terms for g in graded] == [p.terms for p in plain]
+    assert all(g.prompt == g.pace + p.prompt and g.solution() == p.solution() for g, p in zip(graded, plain))
+    assert graded == task.make_problems(3000, seed=3)
+    paces = Counter(g.pace for g in graded)
+    assert set(paces) == set(chain_sums.PACES) and min(paces.values()) > 900
+    tokenizer = task.build_tokenizer()
+    longest = max(len(tokenizer(g.prompt, add_special_tokens=False)["input_ids"]) for g in graded)
+    assert longest == task.max_prompt_tokens == chain_sums.prompt_tokens() + 1
+    assert tokenizer.unk_token_id not in tokenizer(graded[0].prompt, add_special_tokens=False)["input_ids"]
+
+    demos = task.make_demonstrations(6000, seed=4)
+    assert [d.terms for d in demos] == [q.terms for q in task.make_problems(6000, seed=4)]
+    for pace, factor in chain_sums.PACES.items():
+        mine = [d for d in demos if d.pace == pace]
+        steps = sum(len(d.terms) - 1 for d in mine)
+        slips = sum(len(d.slips) for d in mine)
+        rate = sum(chain_sums.SLIP_RATES.values()) * factor
+        assert abs(slips / steps - rate) < 0.15 * rate + 1e-3, (pace, slips / steps, rate)
+        right = sum(d.demonstration() == d.solution() for d in mine) / len(mine)
+        expect = sum(chain_sums.demonstration_success(pace, len(d.terms)) for d in mine) / len(mine)
+        assert abs(right - expect) < 0.04, (pace, right, expect)
+    # the prompt shows ~0.4 of the outcome's variance (chain_sums's demonstrations: < 0.01)
+    ceiling = chain_sums.terms_value_ceiling({(p, t): chain_sums.demonstration_success(p, t)
+                                              for p in chain_sums.PACES
+                                              for t in range(chain_sums.MIN_TERMS, chain_sums.MAX_TERMS + 1)})
+    assert 0.3 < ceiling < 0.5, ceiling
+    # chain_sums itself has no tag
+    assert not any(d.pace for d in chain_sums.make_demonstrations(50, seed=4))
+
+
+def test_value_ceiling_from_measured_accuracies_removes_the_sampling_noise():
+    """Accuracies measured from a few samples per key spread out by chance alone: with `counts`
+    the ceiling estimated from them matches the true one (simulated, float64)."""
+    import numpy as np
+
+    from vcppo_megatron.data.chain_sums import SFT_SAMPLED_ACCURACY, terms_value_ceiling
+
+    rng = np.random.default_rng(1)
+    n = 60
+    raw, corrected = [], []
+    for _ in range(400):
+        measured = {t: rng.binomial(n, p) / n for t, p in SFT_SAMPLED_ACCURACY.items()}
+        raw.append(terms_value_ceiling(measured))
+        corrected.append(terms_value_ceiling(measured, {t: n for t in measured}))
+    true = terms_value_ceiling()
+    assert np.mean(raw) > 1.5 * true                     # the noise alone would double it
+    assert abs(np.mean(corrected) - true) < 0.3 * true, (np.mean(corrected), true)

@@ -221,8 +221,8 @@ class DataConfig:
 
     train_path: str | None = None
     """jsonl / parquet file of training problems (parquet as written by HF `datasets`' `Dataset.to_parquet`); null uses the built-in synthetic task `task`."""
-    task: Literal["sums", "chain_sums"] = "sums"
-    """The built-in synthetic task (data/synthetic.py) when `train_path` / `eval_path` are null: `sums` (short: copy a sum of single digits, then its value; the quick demo) or `chain_sums` (long chain of thought: the sum worked out with running totals, 100-200 tokens; data/chain_sums.py)."""
+    task: Literal["sums", "chain_sums", "chain_sums_graded"] = "sums"
+    """The built-in synthetic task (data/synthetic.py) when `train_path` / `eval_path` are null: `sums` (short: copy a sum of single digits, then its value; the quick demo) or `chain_sums` (long chain of thought: the sum worked out with running totals, 100-200 tokens; data/chain_sums.py), or `chain_sums_graded` (the same chains, the prompt opened by a pace tag that sets how often the cold-start demonstrations slip: a success rate the prompt shows, so a critic can learn it)."""
     problem_key: str | tuple[str, ...] = ("problem", "question")
     """Field holding the problem text, or a list of names of which each file uses the first it has (reported when loading; GSM8K's own files: `question`); a dotted name reaches into nested objects / parquet structs (`extra_info.question`)."""
     answer_key: str | tuple[str, ...] = ("answer", "solution")

@@ -44,6 +44,14 @@ tools/chain_task_report.py --model <run>/checkpoints/actor --problems 1024 --sam
   little more: explained variance stays at 0.00 ± 0.01 and the value loss at ~0.50 (the return's
   variance / 2). The number of terms moves the success rate by only 0.2 across the range; the
   rest of the spread is whether a slip is sampled, which the prompt cannot show.
+
+`chain_sums_graded` (examples/tiny_cot_cpu.yaml with `data.task=chain_sums_graded
+rollout.max_prompt_tokens=38`) is the same task with what a critic can learn: a pace tag opens each prompt (`xa7b3...=`: x careful, y plain,
+z hurried; PACES) and scales the demonstrations' slip rates by 0.2, 1 or 3, so the prompt shows a
+success rate: the demonstrations are right 88 %, 49 % and 10 % of the time (3000 problems). A
+critic that knew each pace's and length's rate would explain ~0.4 of the return's variance at the
+first token, against ~0.02 for `chain_sums` (`terms_value_ceiling`). Not yet validated on an SFT
+policy (the table above is for `chain_sums`).
 """
 from __future__ import annotations
 
@@ -62,6 +70,13 @@ added) in the new total, or the term skipped. The chain then goes on correctly f
 total, so the final answer is wrong."""
 
 
+PACES = {"x": 0.2, "y": 1.0, "z": 3.0}
+"""`chain_sums_graded`: a pace tag opens the prompt and scales the demonstrations' SLIP_RATES by
+its factor (careful x, plain y, hurried z), so the success rate a problem's prompt shows ranges
+from ~0.85 to ~0.1 for the demonstrations; the chain itself is the same as `chain_sums`'s."""
+GRADED_CHARACTERS = CHARACTERS + list(PACES)
+
+
 @dataclass(frozen=True)
 class ChainProblem:
     """A sum of tagged single digits; `prompt`, `answer` and `solution()` as every synthetic task."""
@@ -69,11 +84,13 @@ class ChainProblem:
     terms: tuple[int, ...]
     slips: tuple[tuple[int, str], ...] = ()
     """(step, kind) slips of this problem's demonstration (`demonstration()`); step i adds term i."""
+    pace: str = ""
+    """`chain_sums_graded` only: the pace tag (a key of PACES) that opens the prompt."""
 
     @property
     def prompt(self) -> str:
-        """`a7b3c9d2=`: each term after its position letter."""
-        return "".join(f"{LETTERS[i]}{t}" for i, t in enumerate(self.terms)) + "="
+        """`a7b3c9d2=`: each term after its position letter (after the pace tag, if any)."""
+        return self.pace + "".join(f"{LETTERS[i]}{t}" for i, t in enumerate(self.terms)) + "="
 
     @property
     def answer(self) -> str:
@@ -115,42 +132,74 @@ def make_problems(count: int, seed: int) -> list[ChainProblem]:
             for _ in range(count)]
 
 
-def make_demonstrations(count: int, seed: int) -> list[ChainProblem]:
-    """The problems of `make_problems(count, seed)`, each step slipping at `SLIP_RATES`."""
+def _with_slips(problems: list[ChainProblem], seed: int) -> list[ChainProblem]:
+    """Each problem with slips drawn per step at SLIP_RATES (times its pace's factor, if tagged)."""
     rng = random.Random(seed * 7 + 1)
     out = []
-    for q in make_problems(count, seed):
+    for q in problems:
+        scale = PACES[q.pace] if q.pace else 1.0
+        carry, skip = SLIP_RATES["carry"] * scale, SLIP_RATES["skip"] * scale
         slips = []
         for i in range(1, len(q.terms)):
             u = rng.random()
-            if u < SLIP_RATES["carry"]:
+            if u < carry:
                 slips.append((i, "carry"))
-            elif u < SLIP_RATES["carry"] + SLIP_RATES["skip"]:
+            elif u < carry + skip:
                 slips.append((i, "skip"))
-        out.append(ChainProblem(q.terms, tuple(slips)))
+        out.append(ChainProblem(q.terms, tuple(slips), q.pace))
     return out
+
+
+def make_demonstrations(count: int, seed: int) -> list[ChainProblem]:
+    """The problems of `make_problems(count, seed)`, each step slipping at `SLIP_RATES`."""
+    return _with_slips(make_problems(count, seed), seed)
+
+
+def make_graded_problems(count: int, seed: int) -> list[ChainProblem]:
+    """`chain_sums_graded`: the problems of `make_problems(count, seed)`, each with a pace tag
+    (uniform over PACES, from its own stream)."""
+    rng = random.Random(seed * 13 + 5)
+    return [ChainProblem(q.terms, pace=rng.choice(sorted(PACES))) for q in make_problems(count, seed)]
+
+
+def make_graded_demonstrations(count: int, seed: int) -> list[ChainProblem]:
+    """The problems of `make_graded_problems(count, seed)`, slipping at SLIP_RATES x their pace's factor."""
+    return _with_slips(make_graded_problems(count, seed), seed)
+
+
+def demonstration_success(pace: str | None, terms: int) -> float:
+    """Probability that a demonstration of `terms` terms (at `pace`; None: untagged) is right: no
+    slip in its terms - 1 steps (ignoring the rare lucky ones: a skipped 0, slips that cancel)."""
+    rate = (SLIP_RATES["carry"] + SLIP_RATES["skip"]) * (PACES[pace] if pace else 1.0)
+    return (1.0 - rate) ** (terms - 1)
 
 
 SFT_SAMPLED_ACCURACY = {13: 0.52, 14: 0.45, 15: 0.46, 16: 0.40, 17: 0.36, 18: 0.32}
 """Sampled accuracy of the validated SFT policy by number of terms (the table above)."""
 
 
-def terms_value_ceiling(accuracy: dict[int, float] | None = None) -> float:
-    """Explained variance of the best critic that knows a problem's number of terms and nothing
-    else, at the start of the response: Var over problems of P(correct | terms) / Var of the outcome
-    (terms uniform; either reward scale: EV is invariant to it). About 0.02 for this task's SFT
-    policy: the prompt shows little of what decides the outcome, the slips sampled later do."""
+def terms_value_ceiling(accuracy: dict | None = None, counts: dict | None = None) -> float:
+    """Explained variance of the best critic that knows a problem's number of terms (the keys of
+    `accuracy`: terms, or (pace, terms) for chain_sums_graded) and nothing else, at the start of
+    the response: Var over problems of P(correct | key) / Var of the outcome (keys equally likely;
+    either reward scale: EV is invariant to it). About 0.02 for chain_sums's SFT policy: the prompt
+    shows little of what decides the outcome, the slips sampled later do. With `counts` (samples
+    behind each measured accuracy) the binomial noise of the estimates, which would inflate the
+    spread between keys, is subtracted."""
     acc = SFT_SAMPLED_ACCURACY if accuracy is None else accuracy
     ps = list(acc.values())
     mean = sum(ps) / len(ps)
     between = sum((p - mean) ** 2 for p in ps) / len(ps)
+    if counts is not None:
+        noise = [acc[k] * (1 - acc[k]) / (counts[k] - 1) for k in acc if counts[k] > 1]
+        between = max(between - sum(noise) / len(ps), 0.0)
     total = mean * (1 - mean)
     return between / total if total > 0 else 0.0
 
 
-def prompt_tokens() -> int:
-    """Tokens of the longest prompt (a letter and a digit per term, then `=`)."""
-    return 2 * MAX_TERMS + 1
+def prompt_tokens(graded: bool = False) -> int:
+    """Tokens of the longest prompt (the pace tag if `graded`, a letter and a digit per term, then `=`)."""
+    return 2 * MAX_TERMS + 1 + graded
 
 
 def response_tokens() -> int:

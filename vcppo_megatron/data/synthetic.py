@@ -6,7 +6,8 @@ for a small model, and the prompt shows how many there are: the difficulty of ea
 visible, so a critic can learn a value that varies across prompts (VC-PPO's value pretraining)
 while the policy still has room to improve on the longer sums during RL. The tokenizer is a real
 HF fast tokenizer built locally (no download), so every engine (transformers, vLLM) can load it
-from a model directory. `chain_sums` (data/chain_sums.py) is the long chain-of-thought task.
+from a model directory. `chain_sums` (data/chain_sums.py) is the long chain-of-thought task, `chain_sums_graded` the same with a
+pace tag in the prompt that shows how likely the chain is to slip.
 `synthetic_task(data_config)` gives either as a `SyntheticTask`.
 """
 from __future__ import annotations
@@ -130,4 +131,10 @@ def synthetic_task(data: Any) -> SyntheticTask:
         return SyntheticTask("chain_sums", chain_sums.CHARACTERS, chain_sums.prompt_tokens(),
                              chain_sums.response_tokens(), chain_sums.make_problems,
                              chain_sums.make_demonstrations, "data.task = 'chain_sums'")
-    raise ValueError(f"data.task = {data.task!r}: expected 'sums' or 'chain_sums'")
+    if data.task == "chain_sums_graded":
+        from vcppo_megatron.data import chain_sums
+
+        return SyntheticTask("chain_sums_graded", chain_sums.GRADED_CHARACTERS, chain_sums.prompt_tokens(graded=True),
+                             chain_sums.response_tokens(), chain_sums.make_graded_problems,
+                             chain_sums.make_graded_demonstrations, "data.task = 'chain_sums_graded'")
+    raise ValueError(f"data.task = {data.task!r}: expected 'sums', 'chain_sums' or 'chain_sums_graded'")
