@@ -317,20 +317,19 @@ def compute_text(plan: Plan, studies: dict[str, Any]) -> str:
     all_plan = make_plan(studies, list(studies), recipe=plan.recipe, base_overrides=plan.base_overrides,
                          out=plan.out, seeds=plan.seeds, nproc=plan.nproc)
 
-    def total(p: Plan) -> tuple[float, int, int]:
-        need_rm = any(r.reward_model for r in p.runs)
+    def total(runs: list[UniqueRun]) -> tuple[float, int, int]:
+        p = all_plan
         dirs = [(sft_dir(p, s), p.sft_key) for s in p.seeds]
-        dirs += [(rm_dir(p, s), p.rm_key) for s in p.seeds] if need_rm else []
-        dirs += [(run_dir(p, r, s), r.key) for s in p.seeds for r in p.runs]
+        dirs += [(rm_dir(p, s), p.rm_key) for s in p.seeds] if any(r.reward_model for r in runs) else []
+        dirs += [(run_dir(p, r, s), r.key) for s in p.seeds for r in runs]
         done = [_seconds(d) for d, key in dirs if is_done(d, key)]
         return sum(t for t in done if t is not None), len(done), len(dirs)
 
     lines = ["| study | stages finished | wall time of the finished stages |", "|---|---|---|"]
-    for name in studies:
-        t, n, of = total(make_plan(studies, [name], recipe=plan.recipe, base_overrides=plan.base_overrides,
-                                   out=plan.out, seeds=plan.seeds, nproc=plan.nproc))
+    for name in studies:            # a study's runs: those with one of its arms among their members
+        t, n, of = total([r for r in all_plan.runs if any(s == name for s, _ in r.members)])
         lines.append(f"| {name} | {n}/{of} | {_hms(t)} |")
-    t, n, of = total(all_plan)
+    t, n, of = total(all_plan.runs)
     lines.append(f"| all studies (shared stages once) | {n}/{of} | {_hms(t)} |")
     return "\n".join(lines)
 
@@ -373,7 +372,7 @@ def per_seed_text(plan: Plan, studies: dict[str, Any], results: dict[tuple[str, 
                      + (f"{a[0]:.3f} → {a[1]:.3f}" if a else "-") + " | " + (f"{p[1]:.3f}" if p else "-") + " | "
                      + (f"{g['before']:.3f} → {g['after']:.3f}" if g else "-") + " | "
                      + (f"{ln['first']:.1f} / {ln['min']:.1f} / {ln['last']:.1f}" if ln else "-") + " | "
-                     + (_hms(t) if (t := _seconds(plan.out / f"seed_{seed}" / f"run_{key}")) is not None else "-")
+                     + (_hms(t) if (t := _seconds(seed_dir(all_plan, seed) / f"run_{key}")) is not None else "-")
                      + " |")
     return "\n".join(lines)
 
