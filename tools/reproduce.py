@@ -1,7 +1,7 @@
 """Run the papers' ablation studies at small scale on CPU and write docs/REPRODUCTION.md.
 
     python tools/reproduce.py --study vcppo-table2 [--study ...] | --all  [--arm NAME ...] [--seeds 3]
-                              [--out runs/reproduce] [--nproc 2] [--smoke] [--report-only]
+                              [--task chain_sums] [--out runs/reproduce] [--nproc 2] [--smoke] [--report-only]
 
 Studies (tools/study_arms.py: every arm is overrides on examples/tiny_cot_cpu.yaml; identical
 resolved settings run once): vcppo-table2, vcppo-table3, vcppo-table4, vapo-table1.
@@ -16,6 +16,10 @@ killed run is started again on the same directory and the trainer resumes from i
 
 The report (tools/study_report.py) is written from the finished runs: docs/REPRODUCTION.md with
 figures under docs/reproduction/; `--report-only` rewrites it without running anything.
+`--task chain_sums_graded` runs the studies on the pace-tagged variant of the task (a success rate the
+prompt shows, so a critic has something to learn; study_arms.TASK_OVERRIDES): its runs go to
+runs/reproduce_chain_sums_graded, its report to docs/REPRODUCTION_chain_sums_graded.md (figures under
+docs/reproduction_chain_sums_graded/).
 `--smoke`: every selected arm for 2 RL steps with tiny settings (study_arms.SMOKE_OVERRIDES, one
 rank unless --nproc is given, one seed unless --seeds is) in a temporary directory (or --out); the report goes into
 that directory, never docs/. It tests the runner, not the result.
@@ -30,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,7 @@ from study_arms import (  # noqa: E402
     BASE_RECIPE,
     SMOKE_OVERRIDES,
     STUDY_NAMES,
+    TASK_OVERRIDES,
     UniqueRun,
     build_studies,
     dedupe,
@@ -52,12 +57,28 @@ from study_arms import (  # noqa: E402
 DONE = "DONE.json"
 TASKS = {"chain_sums": "data/chain_sums.py: sums of 13-18 letter-tagged digits worked out with running totals, "
                         "correct responses 101-171 tokens",
+         "chain_sums_graded": "data/chain_sums.py: the chain_sums chains, each prompt opened by a pace tag (x careful, "
+                              "y plain, z hurried) that scales the cold-start demonstrations' slip rates by 0.2, 1 "
+                              "or 3",
          "sums": "data/synthetic.py: short sums, 7-14-token responses (the quick demo's task)"}
 SFT_ONLY = ("trainer.value_pretrain_steps=0", "trainer.num_steps=0", "algo.advantage_estimator=grpo")
 
 
 def task_note(task: str) -> str:
     """What a critic can learn on the task (the limit the value-based claims run into)."""
+    if task == "chain_sums_graded":
+        from vcppo_megatron.data.chain_sums import MAX_TERMS, MIN_TERMS, PACES, demonstration_success, \
+            terms_value_ceiling
+
+        rates = {(p, t): demonstration_success(p, t) for p in PACES for t in range(MIN_TERMS, MAX_TERMS + 1)}
+        return ("\n\nWhat a critic can learn on this task: the pace tag sets how often the cold-start "
+                f"demonstrations slip, so they are right from {max(rates.values()):.2f} (careful, {MIN_TERMS} terms) "
+                f"to {min(rates.values()):.2f} (hurried, {MAX_TERMS} terms) of the time; a critic that knew each "
+                f"pace's and length's rate would explain {terms_value_ceiling(rates):.2f} of the demonstrations' "
+                "outcome variance at the first response token (`chain_sums.terms_value_ceiling`), against about 0.02 "
+                "on `chain_sums` (docs/REPRODUCTION.md). This report tests whether the value-based claims, which did "
+                "not reproduce on `chain_sums`, do when the critic has something to learn. The rules are the ones "
+                "docs/REPRODUCTION.md states, fixed before any run of this task.")
     if task != "chain_sums":
         return ""
     from vcppo_megatron.data.chain_sums import SFT_SAMPLED_ACCURACY, terms_value_ceiling
@@ -108,6 +129,13 @@ class Plan:
     sft_key: str
     rm_key: str
     runs: list[UniqueRun]
+    task: str = "chain_sums"        # --task (its overrides are in base_overrides)
+    smoke: bool = False
+
+
+def task_flag(plan: Plan) -> str:
+    """The --task argument a command needs to address the plan's runs ('' for the default task)."""
+    return "" if plan.task == "chain_sums" else f" --task {plan.task}"
 
 
 def make_plan(studies: dict[str, Any], names: list[str], *, recipe: Path, base_overrides: tuple[str, ...],
@@ -390,8 +418,8 @@ def settings_text(plan: Plan, studies: dict[str, Any], argv: list[str]) -> str:
     rel = plan.recipe.relative_to(ROOT) if plan.recipe.is_relative_to(ROOT) else plan.recipe
     seed0 = plan.seeds[0]
     cmds = stage_commands(all_plan, seed0)
-    study = (f"python tools/reproduce.py --all --seeds {len(plan.seeds)} --nproc {plan.nproc} --out "
-             f"{shown([str(plan.out)])}" + (" --smoke" if plan.base_overrides else ""))
+    study = (f"python tools/reproduce.py --all{task_flag(plan)} --seeds {len(plan.seeds)} --nproc {plan.nproc} --out "
+             f"{shown([str(plan.out)])}" + (" --smoke" if plan.smoke else ""))
     lines = [f"Studies: `{study}` (or `--study NAME`; finished runs are skipped). This report: "
              f"`python tools/reproduce.py {shlex.join(argv)}`.", "",
              f"Base recipe: `{rel}` (with its `defaults:` file), extra overrides for every stage: "
@@ -416,17 +444,18 @@ def settings_text(plan: Plan, studies: dict[str, Any], argv: list[str]) -> str:
 
 def report(plan: Plan, studies: dict[str, Any], selected: list[str], argv: list[str], path: Path, smoke: bool) -> Any:
     """Collect the finished runs and write the report at `path`."""
-    from study_report import write_report
+    from study_report import RULE_CHANGES, write_report
 
     results, bucket = collect(plan, studies)
     task = str(resolved_settings(plan.recipe, plan.base_overrides)["data.task"])
-    regen = f"python tools/reproduce.py --report-only --out {shown([str(plan.out)])}" + (" --smoke" if smoke else "")
+    regen = (f"python tools/reproduce.py --report-only{task_flag(plan)} --out {shown([str(plan.out)])}"
+             + (" --smoke" if smoke else ""))
     header = ("# Reproducing the VC-PPO and VAPO ablations at small scale\n\n"
               "<!-- generated by tools/reproduce.py: do not edit by hand -->\n"
               f"Generated by `tools/reproduce.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the "
               f"finished runs under `{shown([str(plan.out)])}`{' (SMOKE settings: tests the runner, not the result)' if smoke else ''}. "
               f"Regenerate from those runs with `{regen}`; run or continue the studies with "
-              f"`python tools/reproduce.py --all` (finished runs are skipped).\n\n"
+              f"`python tools/reproduce.py --all{task_flag(plan)}` (finished runs are skipped).\n\n"
               f"Task: `{task}` ({TASKS.get(task, 'data/synthetic.py')}), on a tiny Qwen2-style model trained from "
               "scratch (SFT cold start) on a 2-core CPU. Accuracy is on held-out problems: avg@n (pass@1 estimated "
               "with n samples at temperature 1) and pass@k, at step 0 (the SFT policy) and after RL; "
@@ -434,7 +463,10 @@ def report(plan: Plan, studies: dict[str, Any], selected: list[str], argv: list[
     return write_report(path, studies=list(studies.values()), selected=selected, results=results,
                         seeds=len(plan.seeds), header=header, settings=settings_text(plan, studies, argv),
                         per_seed=per_seed_text(plan, studies, results), compute=compute_text(plan, studies),
-                        bucket_size=bucket)
+                        bucket_size=bucket,
+                        rules_note=RULE_CHANGES if plan.task == "chain_sums" else
+                        "These rules were fixed before any run of this task (docs/REPRODUCTION.md tells how they came "
+                        "to be).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=None, help="ranks per training run (default 2; 1 with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny settings, report in the output directory")
     parser.add_argument("--report-only", action="store_true", help="write the report from finished runs only")
+    parser.add_argument("--task", choices=sorted(TASK_OVERRIDES), default="chain_sums",
+                        help="the task every stage runs (default chain_sums; chain_sums_graded: its own runs "
+                             "directory and report, docs/REPRODUCTION_chain_sums_graded.md)")
     parser.add_argument("--recipe", type=Path, default=BASE_RECIPE, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     names = list(STUDY_NAMES) if args.all else list(dict.fromkeys(args.study))
@@ -462,10 +497,14 @@ def main(argv: list[str] | None = None) -> int:
     nproc = args.nproc if args.nproc is not None else (1 if args.smoke else 2)
     if nproc < 1:
         parser.error(f"--nproc {nproc}: expected >= 1")
+    if args.smoke and args.task != "chain_sums":
+        parser.error(f"--task {args.task} with --smoke: the smoke test runs its own tiny task (data.task=sums)")
     from vcppo_megatron.config import load_config
 
-    base_overrides = SMOKE_OVERRIDES if args.smoke else ()
-    out = args.out or (Path(tempfile.mkdtemp(prefix="reproduce-smoke-")) if args.smoke else ROOT / "runs" / "reproduce")
+    default_task = args.task == "chain_sums"
+    base_overrides = SMOKE_OVERRIDES if args.smoke else TASK_OVERRIDES[args.task]
+    out = args.out or (Path(tempfile.mkdtemp(prefix="reproduce-smoke-")) if args.smoke else
+                       ROOT / "runs" / ("reproduce" if default_task else f"reproduce_{args.task}"))
     out = out.resolve()
     base = load_config(args.recipe, list(base_overrides))
     seeds = [base.trainer.seed + i for i in range(args.seeds or (1 if args.smoke else 3))]
@@ -478,10 +517,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--arm {', '.join(map(repr, unknown))}: not an arm of {', '.join(names) or 'the selected studies'}; "
                      f"expected one of {', '.join(sorted(known))}")
-    plan = make_plan(studies, names, recipe=args.recipe.resolve(), base_overrides=tuple(base_overrides), out=out,
-                     seeds=seeds, nproc=nproc, arms=args.arm or None)
+    plan = replace(make_plan(studies, names, recipe=args.recipe.resolve(), base_overrides=tuple(base_overrides),
+                             out=out, seeds=seeds, nproc=nproc, arms=args.arm or None),
+                   task=args.task, smoke=args.smoke)
     failed = [] if args.report_only else execute(plan)
-    path = out / "REPRODUCTION.md" if args.smoke else ROOT / "docs" / "REPRODUCTION.md"
+    path = (out / "REPRODUCTION.md" if args.smoke else
+            ROOT / "docs" / ("REPRODUCTION.md" if default_task else f"REPRODUCTION_{args.task}.md"))
     verdicts = report(plan, studies, names, argv, path, args.smoke)
     print(f"== report: {path}")
     for c in verdicts:

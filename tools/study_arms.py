@@ -35,6 +35,13 @@ BASE_RECIPE = ROOT / "examples" / "tiny_cot_cpu.yaml"
 LOCATION_FIELDS = ("trainer.output_dir", "trainer.seed", "actor.model_path", "critic.model_path",
                    "reward_model.output_dir")
 
+# --task: the task every stage of a study runs (its overrides of the base recipe, which runs
+# chain_sums). chain_sums_graded's pace tag makes the prompt one token longer.
+TASK_OVERRIDES = {
+    "chain_sums": (),
+    "chain_sums_graded": ("data.task=chain_sums_graded", "rollout.max_prompt_tokens=38"),
+}
+
 # --smoke: every stage tiny (the short `sums` task: 7-14-token responses; 2 RL steps; few SFT
 # steps). It tests the runner, not the result.
 SMOKE_OVERRIDES = (

@@ -419,15 +419,17 @@ def draw_figures(studies: list[Study], results: Results, fig_dir: Path, bucket_s
 
 
 def write_report(path: Path, *, studies: list[Study], selected: list[str], results: Results, seeds: int,
-                 header: str, settings: str, bucket_size: int, per_seed: str = "", compute: str = "") -> list[Claim]:
-    """Write the report (markdown + figures under <path's folder>/reproduction/); returns the claims."""
-    fig_dir = path.parent / "reproduction"
+                 header: str, settings: str, bucket_size: int, per_seed: str = "", compute: str = "",
+                 rules_note: str = RULE_CHANGES) -> list[Claim]:
+    """Write the report (markdown + figures under <path's folder>/<its name in lower case>/:
+    docs/REPRODUCTION.md draws into docs/reproduction/); returns the claims."""
+    fig_dir = path.parent / path.stem.lower()
     figures = draw_figures(studies, results, fig_dir, bucket_size)
     verdicts = claims(results)
     lines = [header, "", "## Claims", "",
              "Each verdict is computed by tools/study_report.py from the runs below with rules fixed before the "
              "runs (stated with the numbers); NOT RUN means an arm it needs has no finished run.", "",
-             RULE_CHANGES, ""]
+             rules_note, ""]
     for c in verdicts:
         lines += [f"### {c.title} ({c.source})", "", f"**Verdict: {c.verdict}**", "", f"Numbers: {c.numbers}", ""]
         if c.verdict == NOT_REPRODUCED:
@@ -442,7 +444,7 @@ def write_report(path: Path, *, studies: list[Study], selected: list[str], resul
                 lines.append(f"- {arm.name}: {arm.note}")
         lines.append("")
         for p in figures.get(study.name, []):
-            lines += [f"![{p.stem}](reproduction/{p.name})", ""]
+            lines += [f"![{p.stem}]({fig_dir.name}/{p.name})", ""]
     if compute:
         lines += ["## Compute", "", "Wall time of every finished stage (DONE.json), summed per study with the SFT and "
                   "reward-model stages it needs; the runs share the 2-core machine with whatever else ran then.", "",

@@ -21,6 +21,7 @@ import study_report  # noqa: E402
 from vcppo_megatron.config import load_config  # noqa: E402
 
 RECIPE = study_arms.BASE_RECIPE
+REAL_STAGE_COMMANDS, REAL_ARM_COMMAND = reproduce.stage_commands, reproduce.arm_command   # before fake_runner
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +193,7 @@ def test_runner_reports_a_failed_stage_and_skips_what_depends_on_it(fake_runner,
 def test_report_from_fake_runs_has_every_arm_and_a_verdict_per_claim(fake_runner, studies, tmp_path):
     plan, _ = fake_runner
     reproduce.execute(plan)
-    path = tmp_path / "REPORT.md"
+    path = tmp_path / "REPRODUCTION.md"                 # its figures: reproduction/ beside it
     verdicts = reproduce.report(plan, studies, ["vcppo-table2"], ["--study", "vcppo-table2"], path, smoke=False)
     text = path.read_text()
     assert text.count("**Verdict: ") == len(verdicts) == 7
@@ -209,6 +210,40 @@ def test_report_from_fake_runs_has_every_arm_and_a_verdict_per_claim(fake_runner
     assert "vcppo-table2_length.png" in figs and "vcppo-table2_position.png" in figs
     assert "vcppo-table2_greedy.png" in figs                    # greedy accuracy over steps
     assert all((tmp_path / "reproduction" / f).stat().st_size > 1000 for f in figs)
+
+
+def test_graded_task_runs_apart_and_reports_apart(fake_runner, studies, tmp_path, capsys):
+    """--task chain_sums_graded: every stage runs the task's overrides, under keys of its own (its
+    runs never mix with chain_sums's), and the report names the task, the command that addresses
+    its runs, and draws its figures beside itself, not into docs/reproduction/."""
+    overrides = study_arms.TASK_OVERRIDES["chain_sums_graded"]
+    default, _ = fake_runner
+    graded = reproduce.replace(reproduce.make_plan(studies, ["vcppo-table2"], recipe=RECIPE, base_overrides=overrides,
+                                                   out=tmp_path / "graded", seeds=[1234], nproc=2),
+                               task="chain_sums_graded")
+    assert graded.sft_key != default.sft_key and graded.rm_key != default.rm_key
+    assert not {r.key for r in graded.runs} & {r.key for r in default.runs}
+    assert all(r.settings["data.task"] == "chain_sums_graded" for r in graded.runs)
+    assert all(r.settings["rollout.max_prompt_tokens"] == 38 for r in graded.runs)
+    cmds = [*REAL_STAGE_COMMANDS(graded, 1234).values(), *(REAL_ARM_COMMAND(graded, r, 1234) for r in graded.runs)]
+    assert all(set(overrides) <= set(c) for c in cmds)
+    reproduce.execute(graded)
+    capsys.readouterr()
+    path = tmp_path / "docs" / "REPRODUCTION_chain_sums_graded.md"
+    reproduce.report(graded, studies, ["vcppo-table2"], ["--study", "vcppo-table2"], path, smoke=False)
+    text = path.read_text()
+    assert "Task: `chain_sums_graded`" in text and "pace tag" in text
+    assert "--report-only --task chain_sums_graded --out" in text and "--all --task chain_sums_graded" in text
+    assert study_report.RULE_CHANGES not in text and "fixed before any run of this task" in text
+    figs = tmp_path / "docs" / "reproduction_chain_sums_graded"
+    assert (figs / "vcppo-table2_length.png").exists() and not (tmp_path / "docs" / "reproduction").exists()
+    assert "](reproduction_chain_sums_graded/vcppo-table2_length.png)" in text
+
+
+def test_graded_task_has_no_smoke_mode():
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--study", "vcppo-table2", "--smoke", "--task", "chain_sums_graded"])
+    assert e.value.code == 2
 
 
 # ---- verdict rules on synthetic summaries -------------------------------------------------------
