@@ -225,6 +225,9 @@ def test_graded_task_runs_apart_and_reports_apart(fake_runner, studies, tmp_path
     assert not {r.key for r in graded.runs} & {r.key for r in default.runs}
     assert all(r.settings["data.task"] == "chain_sums_graded" for r in graded.runs)
     assert all(r.settings["rollout.max_prompt_tokens"] == 38 for r in graded.runs)
+    assert all(r.settings["trainer.sft_steps"] == 0 for r in graded.runs)            # arms start from the SFT policy
+    sft = study_arms.resolved_settings(RECIPE, overrides + reproduce.SFT_ONLY)
+    assert sft["trainer.sft_steps"] == 2400 and sft["data.task"] == "chain_sums_graded"
     cmds = [*REAL_STAGE_COMMANDS(graded, 1234).values(), *(REAL_ARM_COMMAND(graded, r, 1234) for r in graded.runs)]
     assert all(set(overrides) <= set(c) for c in cmds)
     reproduce.execute(graded)
