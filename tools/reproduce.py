@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from study_arms import (  # noqa: E402
     BASE_RECIPE,
+    DEFAULT_TASK,
     SMOKE_OVERRIDES,
     STUDY_NAMES,
     TASK_OVERRIDES,
@@ -52,6 +53,7 @@ from study_arms import (  # noqa: E402
     dedupe,
     resolved_settings,
     settings_key,
+    task_suffix,
 )
 
 DONE = "DONE.json"
@@ -67,8 +69,8 @@ SFT_ONLY = ("trainer.value_pretrain_steps=0", "trainer.num_steps=0", "algo.advan
 def task_note(task: str) -> str:
     """What a critic can learn on the task (the limit the value-based claims run into)."""
     if task == "chain_sums_graded":
-        from vcppo_megatron.data.chain_sums import MAX_TERMS, MIN_TERMS, PACES, demonstration_success, \
-            terms_value_ceiling
+        from vcppo_megatron.data.chain_sums import GRADED_SFT_SAMPLED_BY_PACE, GRADED_SFT_VALUE_CEILING, MAX_TERMS, \
+            MIN_TERMS, PACES, demonstration_success, terms_value_ceiling
 
         rates = {(p, t): demonstration_success(p, t) for p in PACES for t in range(MIN_TERMS, MAX_TERMS + 1)}
         return ("\n\nWhat a critic can learn on this task: the pace tag sets how often the cold-start "
@@ -77,13 +79,15 @@ def task_note(task: str) -> str:
                 f"pace's and length's rate would explain {terms_value_ceiling(rates):.2f} of the demonstrations' "
                 "outcome variance at the first response token (`chain_sums.terms_value_ceiling`), against about 0.02 "
                 "on `chain_sums` (docs/REPRODUCTION.md). The SFT policy (2400 steps; seed 1234 measured with "
-                "`tools/chain_task_report.py --graded`) learns less of the spread: sampled accuracy 0.80 / 0.44 / "
-                "0.20 by pace, a value ceiling of 0.23. This report tests whether the value-based claims, which did "
+                "`tools/chain_task_report.py --graded`) learns less of the spread: sampled accuracy "
+                f"{_by_pace(GRADED_SFT_SAMPLED_BY_PACE)} by pace, a value ceiling of {GRADED_SFT_VALUE_CEILING:.2f}. "
+                "This report tests whether the value-based claims, which did "
                 "not reproduce on `chain_sums`, do when the critic has something to learn. The rules are the ones "
                 "docs/REPRODUCTION.md states, fixed before any run of this task.")
-    if task != "chain_sums":
+    if task != DEFAULT_TASK:
         return ""
-    from vcppo_megatron.data.chain_sums import SFT_SAMPLED_ACCURACY, terms_value_ceiling
+    from vcppo_megatron.data.chain_sums import GRADED_SFT_SAMPLED_BY_PACE, GRADED_SFT_VALUE_CEILING, \
+        SFT_SAMPLED_ACCURACY, terms_value_ceiling
 
     lo, hi = min(SFT_SAMPLED_ACCURACY.values()), max(SFT_SAMPLED_ACCURACY.values())
     return ("\n\nWhat a critic can learn on this task: whether a chain ends right is decided mostly by the slips "
@@ -95,8 +99,12 @@ def task_note(task: str) -> str:
             "learn (explained variance below). The value-based claims (position bias, value pretraining, "
             "decoupled GAE) are judged with this in mind. The pace-tagged variant of the task "
             "(`python tools/reproduce.py --task chain_sums_graded`, which writes its own report) tests them with a "
-            "critic that has something to learn: its SFT policy's success rate is 0.80 / 0.44 / 0.20 by pace, a "
-            "value ceiling of 0.23 (data/chain_sums.py).")
+            f"critic that has something to learn: its SFT policy's success rate is {_by_pace(GRADED_SFT_SAMPLED_BY_PACE)} "
+            f"by pace, a value ceiling of {GRADED_SFT_VALUE_CEILING:.2f} (data/chain_sums.py).")
+
+
+def _by_pace(accuracy: dict[str, float]) -> str:
+    return " / ".join(f"{a:.2f}" for _, a in sorted(accuracy.items()))
 
 
 def _hms(seconds: float) -> str:
@@ -134,13 +142,13 @@ class Plan:
     sft_key: str
     rm_key: str
     runs: list[UniqueRun]
-    task: str = "chain_sums"        # --task (its overrides are in base_overrides)
+    task: str = DEFAULT_TASK        # --task (its overrides are in base_overrides)
     smoke: bool = False
 
 
 def task_flag(plan: Plan) -> str:
     """The --task argument a command needs to address the plan's runs ('' for the default task)."""
-    return "" if plan.task == "chain_sums" else f" --task {plan.task}"
+    return "" if plan.task == DEFAULT_TASK else f" --task {plan.task}"
 
 
 def make_plan(studies: dict[str, Any], names: list[str], *, recipe: Path, base_overrides: tuple[str, ...],
@@ -447,18 +455,18 @@ def settings_text(plan: Plan, studies: dict[str, Any], argv: list[str]) -> str:
     return "\n".join(lines)
 
 
-def report(plan: Plan, studies: dict[str, Any], selected: list[str], argv: list[str], path: Path, smoke: bool) -> Any:
+def report(plan: Plan, studies: dict[str, Any], selected: list[str], argv: list[str], path: Path) -> Any:
     """Collect the finished runs and write the report at `path`."""
     from study_report import RULE_CHANGES, write_report
 
     results, bucket = collect(plan, studies)
     task = str(resolved_settings(plan.recipe, plan.base_overrides)["data.task"])
     regen = (f"python tools/reproduce.py --report-only{task_flag(plan)} --out {shown([str(plan.out)])}"
-             + (" --smoke" if smoke else ""))
+             + (" --smoke" if plan.smoke else ""))
     header = ("# Reproducing the VC-PPO and VAPO ablations at small scale\n\n"
               "<!-- generated by tools/reproduce.py: do not edit by hand -->\n"
               f"Generated by `tools/reproduce.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the "
-              f"finished runs under `{shown([str(plan.out)])}`{' (SMOKE settings: tests the runner, not the result)' if smoke else ''}. "
+              f"finished runs under `{shown([str(plan.out)])}`{' (SMOKE settings: tests the runner, not the result)' if plan.smoke else ''}. "
               f"Regenerate from those runs with `{regen}`; run or continue the studies with "
               f"`python tools/reproduce.py --all{task_flag(plan)}` (finished runs are skipped).\n\n"
               f"Task: `{task}` ({TASKS.get(task, 'data/synthetic.py')}), on a tiny Qwen2-style model trained from "
@@ -469,7 +477,7 @@ def report(plan: Plan, studies: dict[str, Any], selected: list[str], argv: list[
                         seeds=len(plan.seeds), header=header, settings=settings_text(plan, studies, argv),
                         per_seed=per_seed_text(plan, studies, results), compute=compute_text(plan, studies),
                         bucket_size=bucket,
-                        rules_note=RULE_CHANGES if plan.task == "chain_sums" else
+                        rules_note=RULE_CHANGES if plan.task == DEFAULT_TASK else
                         "These rules were fixed before any run of this task (docs/REPRODUCTION.md tells how they came "
                         "to be).")
 
@@ -489,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=None, help="ranks per training run (default 2; 1 with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny settings, report in the output directory")
     parser.add_argument("--report-only", action="store_true", help="write the report from finished runs only")
-    parser.add_argument("--task", choices=sorted(TASK_OVERRIDES), default="chain_sums",
+    parser.add_argument("--task", choices=sorted(TASK_OVERRIDES), default=DEFAULT_TASK,
                         help="the task every stage runs (default chain_sums; chain_sums_graded: its own runs "
                              "directory and report, docs/REPRODUCTION_chain_sums_graded.md)")
     parser.add_argument("--recipe", type=Path, default=BASE_RECIPE, help=argparse.SUPPRESS)
@@ -502,14 +510,13 @@ def main(argv: list[str] | None = None) -> int:
     nproc = args.nproc if args.nproc is not None else (1 if args.smoke else 2)
     if nproc < 1:
         parser.error(f"--nproc {nproc}: expected >= 1")
-    if args.smoke and args.task != "chain_sums":
+    if args.smoke and args.task != DEFAULT_TASK:
         parser.error(f"--task {args.task} with --smoke: the smoke test runs its own tiny task (data.task=sums)")
     from vcppo_megatron.config import load_config
 
-    default_task = args.task == "chain_sums"
     base_overrides = SMOKE_OVERRIDES if args.smoke else TASK_OVERRIDES[args.task]
     out = args.out or (Path(tempfile.mkdtemp(prefix="reproduce-smoke-")) if args.smoke else
-                       ROOT / "runs" / ("reproduce" if default_task else f"reproduce_{args.task}"))
+                       ROOT / "runs" / f"reproduce{task_suffix(args.task)}")
     out = out.resolve()
     base = load_config(args.recipe, list(base_overrides))
     seeds = [base.trainer.seed + i for i in range(args.seeds or (1 if args.smoke else 3))]
@@ -527,8 +534,8 @@ def main(argv: list[str] | None = None) -> int:
                    task=args.task, smoke=args.smoke)
     failed = [] if args.report_only else execute(plan)
     path = (out / "REPRODUCTION.md" if args.smoke else
-            ROOT / "docs" / ("REPRODUCTION.md" if default_task else f"REPRODUCTION_{args.task}.md"))
-    verdicts = report(plan, studies, names, argv, path, args.smoke)
+            ROOT / "docs" / f"REPRODUCTION{task_suffix(args.task)}.md")
+    verdicts = report(plan, studies, names, argv, path)
     print(f"== report: {path}")
     for c in verdicts:
         print(f"   {c.verdict:15s} {c.title}")

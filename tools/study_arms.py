@@ -40,10 +40,16 @@ LOCATION_FIELDS = ("trainer.output_dir", "trainer.seed", "actor.model_path", "cr
 # start needs twice the steps: after the recipe's 1200 the policy still miscopies terms (greedy
 # 0.270, paces barely apart); after 2400, greedy 0.992, sampled 0.475 (x 0.80, y 0.44, z 0.20),
 # value ceiling 0.23 (data/chain_sums.py; measured on seed 1234 before any study ran on the task).
+DEFAULT_TASK = "chain_sums"         # the base recipe's task: runs/reproduce, docs/REPRODUCTION.md
 TASK_OVERRIDES = {
     "chain_sums": (),
     "chain_sums_graded": ("data.task=chain_sums_graded", "rollout.max_prompt_tokens=38", "trainer.sft_steps=2400"),
 }
+
+
+def task_suffix(task: str) -> str:
+    """What a task's runs directory and report name carry after the default's ('' for DEFAULT_TASK)."""
+    return "" if task == DEFAULT_TASK else f"_{task}"
 
 # --smoke: every stage tiny (the short `sums` task: 7-14-token responses; 2 RL steps; few SFT
 # steps). It tests the runner, not the result.

@@ -194,7 +194,7 @@ def test_report_from_fake_runs_has_every_arm_and_a_verdict_per_claim(fake_runner
     plan, _ = fake_runner
     reproduce.execute(plan)
     path = tmp_path / "REPRODUCTION.md"                 # its figures: reproduction/ beside it
-    verdicts = reproduce.report(plan, studies, ["vcppo-table2"], ["--study", "vcppo-table2"], path, smoke=False)
+    verdicts = reproduce.report(plan, studies, ["vcppo-table2"], ["--study", "vcppo-table2"], path)
     text = path.read_text()
     assert text.count("**Verdict: ") == len(verdicts) == 7
     for study in studies.values():
@@ -233,7 +233,7 @@ def test_graded_task_runs_apart_and_reports_apart(fake_runner, studies, tmp_path
     reproduce.execute(graded)
     capsys.readouterr()
     path = tmp_path / "docs" / "REPRODUCTION_chain_sums_graded.md"
-    reproduce.report(graded, studies, ["vcppo-table2"], ["--study", "vcppo-table2"], path, smoke=False)
+    reproduce.report(graded, studies, ["vcppo-table2"], ["--study", "vcppo-table2"], path)
     text = path.read_text()
     assert "Task: `chain_sums_graded`" in text and "pace tag" in text
     assert "--report-only --task chain_sums_graded --out" in text and "--all --task chain_sums_graded" in text

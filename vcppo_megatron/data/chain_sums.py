@@ -188,6 +188,10 @@ def demonstration_success(pace: str | None, terms: int) -> float:
 
 SFT_SAMPLED_ACCURACY = {13: 0.52, 14: 0.45, 15: 0.46, 16: 0.40, 17: 0.36, 18: 0.32}
 """Sampled accuracy of the validated SFT policy by number of terms (the table above)."""
+GRADED_SFT_SAMPLED_BY_PACE = {"x": 0.8049, "y": 0.4375, "z": 0.1977}
+GRADED_SFT_VALUE_CEILING = 0.233
+"""`chain_sums_graded`'s validated SFT policy (2400 steps, seed 1234; the table above): sampled
+accuracy by pace and the measured value ceiling (pace and number of terms known)."""
 
 
 def terms_value_ceiling(accuracy: dict | None = None, counts: dict | None = None) -> float:
